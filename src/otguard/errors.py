@@ -1,0 +1,44 @@
+"""Exceptions raised by otguard.
+
+Every error is an :class:`OtguardError` *and* the builtin it refines (``ValueError``,
+``FileNotFoundError``...), so callers can catch either. Messages say what is wrong, the values
+seen, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class OtguardError(Exception):
+    """Base class of all otguard errors."""
+
+
+class UnsupportedArchitectureError(OtguardError, ValueError):
+    """No head site is known for this model architecture."""
+
+
+class ModelLoadError(OtguardError, OSError):
+    """A model or tokenizer could not be loaded (missing file, no network...)."""
+
+
+class DataError(OtguardError, ValueError):
+    """A data file is missing, malformed, or unusable for the requested task."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file the source needs does not exist."""
+
+
+class PolicyError(OtguardError, ValueError):
+    """A policy directory is corrupted, of an unknown version, or otherwise unusable."""
+
+
+class PolicyMismatchError(PolicyError):
+    """A policy is attached to (or loaded for) a model it was not fitted on."""
+
+
+class NotFittedError(OtguardError, RuntimeError):
+    """An estimator was used before ``fit``."""
+
+
+class SolverError(OtguardError, ArithmeticError):
+    """The Stage-2 transport problem could not be solved (invalid probe, non-finite input...)."""
