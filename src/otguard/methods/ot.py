@@ -118,13 +118,8 @@ class _OTMethod(Method):
         # Guarantee check on held-out flagged validation rows: share called desirable after the map.
         x_val_l = x_va[:, layer].double()
         val_votes = (torch.einsum("nhd,hd->nh", x_val_l, theta) + theta0) > 0
-        rates = []
-        for h in range(theta.shape[0]):
-            rows = x_val_l[val_votes[:, h], h]
-            if rows.shape[0] == 0 or not bool(usable[h]):
-                rates.append(float("nan"))
-                continue
-            rates.append(float(guarantee_rate(rows, result.A[h], result.b[h], theta[h], theta0[h])))
+        rates = guarantee_rate(x_val_l, result.A, result.b, theta, theta0, mask=val_votes & usable)
+        rates = [float(r) for r in rates]
 
         edit = LayerEdit(
             layer=layer,
@@ -135,8 +130,16 @@ class _OTMethod(Method):
             b=b,
             A=A,
         )
-        identity = acts.model or ModelIdentity("unknown", "unknown", acts.n_layers, acts.n_heads, acts.n_heads,
-                                               acts.head_dim, acts.n_heads * acts.head_dim, "")
+        identity = acts.model or ModelIdentity(
+            "unknown",
+            "unknown",
+            acts.n_layers,
+            acts.n_heads,
+            acts.n_heads,
+            acts.head_dim,
+            acts.n_heads * acts.head_dim,
+            "",
+        )
         meta = {
             "data_fingerprint": acts.meta.get("data_fingerprint"),
             "dataset": acts.meta.get("dataset"),
@@ -156,8 +159,14 @@ class _OTMethod(Method):
             method=self.name, rule=self.rule, layers=[edit], model=identity,
             params=self.get_params(), kappa=self._kappa(), meta=meta,
         )  # fmt: skip
-        logger.info("%s: layer %d, tau %d, val FPR %.3f FNR %.3f", self.name, layer, threshold,
-                    float(detector.report.fpr[layer]), float(detector.report.fnr[layer]))
+        logger.info(
+            "%s: layer %d, tau %d, val FPR %.3f FNR %.3f",
+            self.name,
+            layer,
+            threshold,
+            float(detector.report.fpr[layer]),
+            float(detector.report.fnr[layer]),
+        )
         return self
 
 
