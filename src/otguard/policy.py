@@ -10,7 +10,7 @@ The edit rule decides how the map is applied to head ``h`` of a flagged row:
 - ``"shift"`` (ITI, mean shift): ``a <- a + b`` for the heads in the mask.
 
 All three are ``a + w_h * ((A - I) a + b)`` with a per-head weight ``w_h``, so the hook is one
-einsum for the probe logits, a vote, one batched affine edit, and no Python loop over heads or
+product for the probe logits, a vote, one batched affine edit, and no Python loop over heads or
 tokens, no host sync and no tensor built per call. It is a forward **pre-hook** on the output
 projection of the layer (the per-head site, see :mod:`otguard.sites`).
 """
@@ -121,7 +121,8 @@ class Policy:
             tensors.update(edit.tensors())
         with atomic_dir(Path(directory)) as tmp:
             save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "otguard-policy"})
-            (tmp / "policy.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=_json_default))
+            text = json.dumps(spec, indent=2, sort_keys=True, default=_json_default)
+            (tmp / "policy.json").write_text(text)
         return Path(directory)
 
     @classmethod
@@ -146,8 +147,12 @@ class Policy:
             )
         try:
             spec = json.loads(spec_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"{spec_file} is not valid JSON ({exc}); the policy is corrupted, refit it.") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PolicyError(
+                f"{spec_file} is not valid JSON ({exc}); the policy is corrupted, refit it."
+            ) from exc
+        if not isinstance(spec, dict):
+            raise PolicyError(f"{spec_file} does not hold a JSON object; the policy is corrupted, refit it.")
         version = spec.get("format_version")
         if version != FORMAT_VERSION:
             raise PolicyError(
@@ -158,7 +163,9 @@ class Policy:
         try:
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise PolicyError(f"{tensor_file} cannot be read ({exc}); the policy is corrupted, refit it.") from exc
+            raise PolicyError(
+                f"{tensor_file} cannot be read ({exc}); the policy is corrupted, refit it."
+            ) from exc
         try:
             layers = []
             for entry in spec["layers"]:
@@ -185,7 +192,9 @@ class Policy:
                 meta=spec.get("meta", {}),
             )
         except KeyError as exc:
-            raise PolicyError(f"{path}: missing entry {exc} in the policy files; the policy is corrupted.") from exc
+            raise PolicyError(
+                f"{path}: missing entry {exc} in the policy files; the policy is corrupted."
+            ) from exc
         if model is not None:
             policy.model.check_compatible(model_identity(model), check_weights=check_weights)
         return policy
@@ -218,7 +227,9 @@ class Policy:
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
-        layers = ", ".join(f"{e.layer} (tau={e.threshold}, heads={int(e.head_mask.sum())})" for e in self.layers)
+        layers = ", ".join(
+            f"{e.layer} (tau={e.threshold}, heads={int(e.head_mask.sum())})" for e in self.layers
+        )
         return f"{self.method} policy ({self.rule}) for {self.model.name_or_path}: layers {layers}"
 
 
@@ -242,7 +253,9 @@ class PolicyHandle:
         self.state = _HookState()
         self._handles: list[Any] = []
         self._counters: dict[int, torch.Tensor] = {}
+        self._host_counters: dict[int, list[int]] = {}
         self._orig_generate = None
+        self._own_generate = False
         try:
             self._handles.append(model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
             for edit in policy.layers:
@@ -277,6 +290,7 @@ class PolicyHandle:
             return original(*args, **kwargs)
 
         self._orig_generate = original
+        self._own_generate = "generate" in vars(self.model)  # another handle's wrapper (nested attach)
         self.model.generate = generate
 
     def reset(self) -> None:
@@ -297,6 +311,8 @@ class PolicyHandle:
         total = torch.zeros(3, dtype=torch.float64)
         for counter in self._counters.values():
             total += counter.double().cpu()
+        for host_counter in self._host_counters.values():
+            total += torch.tensor(host_counter, dtype=torch.float64)
         positions, flagged, heads = (float(v) for v in total)
         return {
             "positions": positions,
@@ -310,10 +326,13 @@ class PolicyHandle:
             handle.remove()
         self._handles.clear()
         if self._orig_generate is not None:
-            try:
-                del self.model.generate
-            except AttributeError:
-                pass
+            if self._own_generate:
+                self.model.generate = self._orig_generate
+            else:
+                try:
+                    del self.model.generate
+                except AttributeError:
+                    pass
             self._orig_generate = None
 
     def __enter__(self) -> PolicyHandle:
@@ -327,26 +346,48 @@ def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.d
     weight = getattr(module, "weight", None)
     if weight is None:
         weight = next(module.parameters())
-    return weight.device, weight.dtype
+    if weight.device.type != "meta":
+        return weight.device, weight.dtype
+    # Offloaded by accelerate (device_map with "cpu"/"disk"): the weights, and the activations the
+    # hook sees, are on the execution device of the module's AlignDevicesHook.
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device), weight.dtype
+    raise PolicyError(f"{type(module).__name__} has its weights on the meta device and no accelerate "
+                      "execution device; load the model's weights before attaching a policy.")
 
 
 def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: float, H: int,
                     handle: PolicyHandle) -> Any:
-    """Build the pre-hook of one layer; all tensors are moved to the module's device/dtype here, once."""
+    """Build the pre-hook of one layer; all tensors are moved to the module's device/dtype here, once.
+
+    Per call, which positions are in scope is worked out on the host where it can be (scope
+    ``"all"``, ``"generation"`` and a shared answer start: a suffix of the call's positions, the
+    whole call during decoding); only that suffix is probed and edited, and a call with nothing in
+    scope (the prompt tokens before the last) costs nothing. Per-row answer starts use a mask.
+    """
     device, dtype = _module_device_dtype(module)
+    d = int(edit.b.shape[-1])
     W = edit.probe_weight.to(device=device, dtype=dtype)
     w0 = edit.probe_bias.to(device=device, dtype=dtype)
     mask = edit.head_mask.to(device=device, dtype=dtype)
     b = edit.b.to(device=device, dtype=dtype)
-    A_minus_I = None
+    A_minus_I_T = None  # (H, e, d) = (A - I) transposed, for one bmm over heads
     if edit.A is not None and rule != "shift":
         eye = torch.eye(edit.A.shape[-1], dtype=edit.A.dtype)
-        A_minus_I = (edit.A - eye).to(device=device, dtype=dtype)
+        A_minus_I_T = (edit.A - eye).transpose(1, 2).contiguous().to(device=device, dtype=dtype)
     gated = edit.threshold is not None
+    probed = gated or rule != "shift"  # the probe logits are needed for the gate or the head votes
     tau = int(edit.threshold) if gated else 0
-    kap = torch.tensor(kappa, device=device, dtype=dtype)
-    counter = torch.zeros(3, device=device, dtype=torch.float32)
+    # kappa-p weight = vote * mask * kappa * p; mask * kappa folded once (vote, mask are 0/1: exact).
+    head_weight = mask * torch.tensor(kappa, device=device, dtype=dtype) if rule == "kappa-p" else mask
+    n_mask_heads = int(torch.count_nonzero(edit.head_mask))
+    counter = torch.zeros(3, device=device, dtype=torch.int64)  # exact counts (float32 stops at 2**24)
+    host_counter = [0, 0, 0]  # the counts known on the host without a device op
     handle._counters[edit.layer] = counter
+    handle._host_counters[edit.layer] = host_counter
     arange_cache = {"t": torch.arange(4096, device=device)}
     state, scope = handle.state, handle.scope
 
@@ -359,43 +400,65 @@ def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: 
     def hook(mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
         B, T = x.shape[0], x.shape[1]
-        xh = x.view(B, T, H, -1)
-        # Which (row, position) pairs are in scope: (B, T) or broadcastable.
-        if scope == "all":
-            in_scope = None
-        elif scope == "generation":
-            start = (state.prompt_len or 1) - 1
-            in_scope = (positions(T) >= start).unsqueeze(0)
-        else:
+        # In scope: positions [lo, T) of this call, or the (B, T)-broadcastable mask `in_scope`.
+        lo, in_scope = 0, None
+        if scope == "generation":
+            lo = (state.prompt_len or 1) - 1 - state.past_len
+        elif scope == "answer":
             start = state.answer_start
             if start is None:
                 return None
-            pos = positions(T).unsqueeze(0)
-            in_scope = pos >= (start.to(device).view(-1, 1) if torch.is_tensor(start) else start)
-        if gated:
-            logits = torch.einsum("bthd,hd->bth", xh, W) + w0
+            if torch.is_tensor(start):
+                in_scope = positions(T).unsqueeze(0) >= start.to(device).view(-1, 1)
+            else:
+                lo = int(start) - state.past_len
+        lo = max(lo, 0)
+        if lo >= T:
+            return None
+        xs = x[:, lo:] if lo else x
+        Ts = T - lo
+        xh = xs.unflatten(-1, (H, d))  # (B, Ts, H, d), a view
+        if probed:
+            logits = (xh * W).sum(-1) + w0
             votes = logits > 0
-            flag = votes.sum(-1) >= tau  # (B, T)
-            weight = votes.to(dtype) * mask
-            if rule == "kappa-p":
-                weight = weight * kap * torch.sigmoid(logits)
+        # Row flag: the vote count reaches tau (always, without a threshold); None = every row.
+        if gated:
+            flag = votes.sum(-1) >= tau
+            if in_scope is not None:
+                flag = flag & in_scope
         else:
-            flag = torch.ones((B, T), dtype=torch.bool, device=x.device)
-            weight = mask.expand(B, T, H)
-        if in_scope is not None:
-            flag = flag & in_scope
-        weight = weight * flag.unsqueeze(-1).to(dtype)
-        if A_minus_I is not None:
-            delta = torch.einsum("hde,bthe->bthd", A_minus_I, xh) + b
+            flag = in_scope
+        # Head weights: shift edits the heads in the mask; the maps edit masked heads that vote.
+        if rule == "shift":
+            weight = mask
+        else:
+            weight = votes.to(dtype) * head_weight
+            if rule == "kappa-p":
+                weight = weight * torch.sigmoid(logits)
+        if flag is not None:
+            weight = weight * flag.unsqueeze(-1).to(dtype)
+        if A_minus_I_T is not None:
+            delta = torch.bmm(xh.reshape(B * Ts, H, d).transpose(0, 1), A_minus_I_T).transpose(0, 1)
+            delta = delta.view(B, Ts, H, d) + b
         else:
             delta = b
-        new = xh + weight.unsqueeze(-1) * delta
-        # Diagnostics: positions in scope, flagged positions, edited heads (device-side adds).
-        in_scope_count = in_scope.expand(B, T).sum() if in_scope is not None else B * T
-        counter[0] += in_scope_count
-        counter[1] += flag.sum()
-        counter[2] += (weight != 0).sum()
-        return (new.view_as(x), *args[1:])
+        new = (xh + weight.unsqueeze(-1) * delta).flatten(-2)
+        if lo:
+            new = torch.cat((x[:, :lo], new), 1)
+        # Diagnostics: positions in scope, flagged positions, edited heads (no device sync).
+        if in_scope is None:
+            host_counter[0] += B * Ts
+        else:
+            counter[0] += in_scope.expand(B, Ts).sum()
+        if flag is None:
+            host_counter[1] += B * Ts
+        else:
+            counter[1] += flag.expand(B, Ts).sum()
+        if weight.dim() == 1:  # shift, no gate, no mask: the heads in the mask everywhere
+            host_counter[2] += B * Ts * n_mask_heads
+        else:
+            counter[2] += torch.count_nonzero(weight)
+        return (new, *args[1:])
 
     return hook
 

@@ -42,7 +42,9 @@ class Method:
     def policy_(self) -> Any:
         policy = self.__dict__.get("_policy")
         if policy is None:
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(acts, train_idx, val_idx).")
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted yet; call fit(acts, train_idx, val_idx)."
+            )
         return policy
 
     def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> Method:  # pragma: no cover

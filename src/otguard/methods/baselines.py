@@ -21,8 +21,16 @@ logger = logging.getLogger(__name__)
 
 
 def _identity(acts: ActivationSet) -> ModelIdentity:
-    return acts.model or ModelIdentity("unknown", "unknown", acts.n_layers, acts.n_heads, acts.n_heads,
-                                       acts.head_dim, acts.n_heads * acts.head_dim, "")
+    return acts.model or ModelIdentity(
+        "unknown",
+        "unknown",
+        acts.n_layers,
+        acts.n_heads,
+        acts.n_heads,
+        acts.head_dim,
+        acts.n_heads * acts.head_dim,
+        "",
+    )
 
 
 def _shift_edits(shifts: torch.Tensor, mask: torch.Tensor) -> list[LayerEdit]:
@@ -72,8 +80,16 @@ class ITI(Method):
 
     name = "iti"
 
-    def __init__(self, *, top_k: int = 48, strength: float = 15.0, epochs: int = 300, lr: float = 2e-2,
-                 seed: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        top_k: int = 48,
+        strength: float = 15.0,
+        epochs: int = 300,
+        lr: float = 2e-2,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
         self.top_k = top_k
         self.strength = strength
         self.epochs = epochs
@@ -86,8 +102,17 @@ class ITI(Method):
         x_va, y_va = split_xy(acts, val_idx, "validation")
         check_two_classes(y_tr, "training")
         check_two_classes(y_va, "validation")
-        bank = train_probes(x_tr, y_tr, x_va, y_va, loss="bce", epochs=self.epochs, lr=self.lr, seed=self.seed,
-                            progress=self.progress)
+        bank = train_probes(
+            x_tr,
+            y_tr,
+            x_va,
+            y_va,
+            loss="bce",
+            epochs=self.epochs,
+            lr=self.lr,
+            seed=self.seed,
+            progress=self.progress,
+        )
         accuracy = bank.head_metrics(x_va, y_va)["accuracy"]  # (L, H)
         L, H = accuracy.shape
         k = min(int(self.top_k), L * H)
@@ -117,8 +142,16 @@ class MeanShift(Method):
 
     name = "mean-shift"
 
-    def __init__(self, *, strength: float = 1.0, layer: int | None = None, epochs: int = 300, lr: float = 2e-2,
-                 seed: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        strength: float = 1.0,
+        layer: int | None = None,
+        epochs: int = 300,
+        lr: float = 2e-2,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
         self.strength = strength
         self.layer = layer
         self.epochs = epochs
@@ -133,8 +166,17 @@ class MeanShift(Method):
         if layer is None:
             x_va, y_va = split_xy(acts, val_idx, "validation")
             check_two_classes(y_va, "validation")
-            bank = train_probes(x_tr, y_tr, x_va, y_va, loss="bce", epochs=self.epochs, lr=self.lr,
-                                seed=self.seed, progress=self.progress)
+            bank = train_probes(
+                x_tr,
+                y_tr,
+                x_va,
+                y_va,
+                loss="bce",
+                epochs=self.epochs,
+                lr=self.lr,
+                seed=self.seed,
+                progress=self.progress,
+            )
             layer = int(bank.head_metrics(x_va, y_va)["accuracy"].mean(-1).argmax())
         if not 0 <= layer < acts.n_layers:
             raise ValueError(f"layer must be in 0..{acts.n_layers - 1}, got {layer}.")
@@ -142,8 +184,12 @@ class MeanShift(Method):
         shifts[layer] = self.strength * _class_direction(x_tr[:, layer : layer + 1], y_tr)[0]
         mask = torch.zeros(acts.n_layers, acts.n_heads, dtype=torch.bool)
         mask[layer] = True
-        self._policy = Policy(method=self.name, rule="shift", layers=_shift_edits(shifts, mask),
-                              model=_identity(acts), params=self.get_params(), meta={"layer": layer})
+        self._policy = Policy(
+            method=self.name,
+            rule="shift",
+            layers=_shift_edits(shifts, mask),
+            model=_identity(acts),
+            params=self.get_params(),
+            meta={"layer": layer},
+        )
         return self
-
-

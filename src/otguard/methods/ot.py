@@ -10,11 +10,18 @@ papers' current code does (method.md §2–§4, §7):
 ============== ====================================== ======================================
 alpha          :class:`Margin` (default 15)           :class:`ChanceLevel` (gamma = 0.1)
 constraint     S ⪰ Σ_ref^{1/2} (desirable covariance) none
-threshold      lowest validation FNR, then loss       lowest validation FPR + bl·FNR
+threshold      lowest validation FPR + bl·FNR (both)  lowest validation FPR + bl·FNR
 layer choice   mean per-head validation loss          ensemble validation loss
 moments from   training rows                          training + validation rows
 edit rule      replace: a <- A a + b                  a <- a + κ·p·(A a + b - a)
 ============== ====================================== ======================================
+
+RADIANT's published threshold rule ("lowest validation FNR, ties by loss", ``threshold_rule="radiant"``)
+is available but not the default: it returns the largest τ with zero validation FNR, and since τ = 0
+(flag everything) always has zero FNR it degenerates to an always-on edit whenever a single
+undesirable validation example gets no vote (method.md §8 item 4; on SmolLM2 + TruthfulQA fold 0 it
+chose τ = 0, FPR 1.0). ``threshold_rule="slim"`` (the default for both) minimises FPR + bl·FNR
+instead; raise ``fnr_weight`` (bl) to trade false positives for misses as the paper intends.
 
 Stage 3 of SLIM (choosing κ on semantic preference data) lives in :mod:`otguard.methods.stage3`.
 """
@@ -59,8 +66,6 @@ class _OTMethod(Method):
     """Stage 1 + Stage 2, shared by RADIANT and SLIM; subclasses fix the variant."""
 
     rule: ClassVar[str]
-    threshold_rule: ClassVar[str]
-    layer_criterion: ClassVar[str]
     moments_from_val: ClassVar[bool]
     use_ref_cov: ClassVar[bool]
 
@@ -175,8 +180,6 @@ class Radiant(_OTMethod):
 
     name = "radiant"
     rule = "replace"
-    threshold_rule = "radiant"
-    layer_criterion = "mean-head-loss"
     moments_from_val = False
     use_ref_cov = True
 
@@ -186,6 +189,8 @@ class Radiant(_OTMethod):
         margin: float = 15.0,
         fnr_weight: float = 1.0,
         loss: str = "risk",
+        threshold_rule: str = "slim",
+        layer_criterion: str = "mean-head-loss",
         layers: list[int] | None = None,
         epochs: int = 1000,
         lr: float = 2e-3,
@@ -195,6 +200,8 @@ class Radiant(_OTMethod):
         self.margin = margin
         self.fnr_weight = fnr_weight
         self.loss = loss
+        self.threshold_rule = threshold_rule
+        self.layer_criterion = layer_criterion
         self.layers = layers
         self.epochs = epochs
         self.lr = lr
@@ -210,8 +217,6 @@ class Slim(_OTMethod):
 
     name = "slim"
     rule = "kappa-p"
-    threshold_rule = "slim"
-    layer_criterion = "loss"
     moments_from_val = True
     use_ref_cov = False
 
@@ -222,6 +227,8 @@ class Slim(_OTMethod):
         kappa: float = 20.0,
         fnr_weight: float = 1.0,
         loss: str = "risk",
+        threshold_rule: str = "slim",
+        layer_criterion: str = "loss",
         layers: list[int] | None = None,
         epochs: int = 1000,
         lr: float = 2e-3,
@@ -232,6 +239,8 @@ class Slim(_OTMethod):
         self.kappa = kappa
         self.fnr_weight = fnr_weight
         self.loss = loss
+        self.threshold_rule = threshold_rule
+        self.layer_criterion = layer_criterion
         self.layers = layers
         self.epochs = epochs
         self.lr = lr
