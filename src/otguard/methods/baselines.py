@@ -88,6 +88,7 @@ class ITI(Method):
         epochs: int = 300,
         lr: float = 2e-2,
         seed: int = 0,
+        device: str | None = None,
         progress: bool = True,
     ) -> None:
         self.top_k = top_k
@@ -95,6 +96,7 @@ class ITI(Method):
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.device = device
         self.progress = progress
 
     def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> ITI:
@@ -111,9 +113,10 @@ class ITI(Method):
             epochs=self.epochs,
             lr=self.lr,
             seed=self.seed,
+            device=self.device,
             progress=self.progress,
         )
-        accuracy = bank.head_metrics(x_va, y_va)["accuracy"]  # (L, H)
+        accuracy = bank.head_metrics(x_va, y_va)["accuracy"].cpu()  # (L, H)
         L, H = accuracy.shape
         k = min(int(self.top_k), L * H)
         top = torch.topk(accuracy.flatten(), k).indices
@@ -150,6 +153,7 @@ class MeanShift(Method):
         epochs: int = 300,
         lr: float = 2e-2,
         seed: int = 0,
+        device: str | None = None,
         progress: bool = True,
     ) -> None:
         self.strength = strength
@@ -157,6 +161,7 @@ class MeanShift(Method):
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.device = device
         self.progress = progress
 
     def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> MeanShift:
@@ -175,9 +180,10 @@ class MeanShift(Method):
                 epochs=self.epochs,
                 lr=self.lr,
                 seed=self.seed,
+                device=self.device,
                 progress=self.progress,
             )
-            layer = int(bank.head_metrics(x_va, y_va)["accuracy"].mean(-1).argmax())
+            layer = int(bank.head_metrics(x_va, y_va)["accuracy"].mean(-1).argmax().cpu())
         if not 0 <= layer < acts.n_layers:
             raise ValueError(f"layer must be in 0..{acts.n_layers - 1}, got {layer}.")
         shifts = torch.zeros(acts.n_layers, acts.n_heads, acts.head_dim, dtype=torch.float64)

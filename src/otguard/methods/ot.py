@@ -86,12 +86,12 @@ class _OTMethod(Method):
             x_tr, y_tr, x_va, y_va,
             fnr_weight=self.fnr_weight, loss=self.loss, threshold_rule=self.threshold_rule,
             layer_criterion=self.layer_criterion, layers=self.layers, epochs=self.epochs, lr=self.lr,
-            seed=self.seed, progress=self.progress,
+            seed=self.seed, progress=self.progress, device=self.device,
         )  # fmt: skip
         layer = int(detector.layer)
         threshold = int(detector.thresholds[layer])
-        theta = detector.bank.weight[layer].double()  # (H, d)
-        theta0 = detector.bank.bias[layer].double()  # (H,)
+        theta = detector.bank.weight[layer].detach().double().cpu()  # (H, d)
+        theta0 = detector.bank.bias[layer].detach().double().cpu()  # (H,)
 
         if self.moments_from_val:
             x_src = torch.cat([x_tr[:, layer], x_va[:, layer]])
@@ -128,8 +128,8 @@ class _OTMethod(Method):
 
         edit = LayerEdit(
             layer=layer,
-            probe_weight=detector.bank.weight[layer].float(),
-            probe_bias=detector.bank.bias[layer].float(),
+            probe_weight=theta.float(),
+            probe_bias=theta0.float(),
             threshold=threshold,
             head_mask=usable,
             b=b,
@@ -195,6 +195,7 @@ class Radiant(_OTMethod):
         epochs: int = 1000,
         lr: float = 2e-3,
         seed: int = 0,
+        device: str | None = None,
         progress: bool = True,
     ) -> None:
         self.margin = margin
@@ -206,6 +207,7 @@ class Radiant(_OTMethod):
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.device = device
         self.progress = progress
 
     def _alpha(self) -> Margin:
@@ -233,6 +235,7 @@ class Slim(_OTMethod):
         epochs: int = 1000,
         lr: float = 2e-3,
         seed: int = 0,
+        device: str | None = None,
         progress: bool = True,
     ) -> None:
         self.gamma = gamma
@@ -245,6 +248,7 @@ class Slim(_OTMethod):
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.device = device
         self.progress = progress
 
     def _alpha(self) -> ChanceLevel:
