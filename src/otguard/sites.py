@@ -216,7 +216,7 @@ def find_head_sites(model: nn.Module) -> HeadSites:
 _SIGNATURE_K = 16  # weights sampled per tensor by _weight_signature
 
 
-def _weight_signature(model: nn.Module, n: int = 8) -> list[float]:
+def _weight_signature(model: nn.Module, n: int = 8) -> list[float | None]:
     """A few dtype-robust numbers that tell checkpoints apart.
 
     ``_SIGNATURE_K`` raw weights at fixed, evenly spaced positions of each of ``n`` parameter tensors
@@ -229,10 +229,13 @@ def _weight_signature(model: nn.Module, n: int = 8) -> list[float]:
     if not params:
         return []
     idx = sorted({round(i * (len(params) - 1) / max(n - 1, 1)) for i in range(n)})
-    out: list[float] = []
+    out: list[float | None] = []
     for i in idx:
         flat = params[i].detach().reshape(-1)
-        pos = torch.linspace(0, flat.numel() - 1, _SIGNATURE_K).round().long().to(flat.device)
+        if flat.device.type == "meta":  # offloaded by accelerate: unreadable here, skipped when comparing
+            out.extend([None] * _SIGNATURE_K)
+            continue
+        pos = torch.arange(_SIGNATURE_K, device=flat.device) * (flat.numel() - 1) // (_SIGNATURE_K - 1)
         out.extend(flat[pos].double().cpu().tolist())
     return out
 
@@ -249,7 +252,7 @@ class ModelIdentity:
     head_dim: int
     hidden_size: int
     site: str
-    signature: list[float] = field(default_factory=list)
+    signature: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -265,7 +268,7 @@ class ModelIdentity:
         """Stable hash (architecture + weight signature rounded to 4 significant digits)."""
         data = self.to_dict()
         data.pop("name_or_path")
-        data["signature"] = [float(f"{v:.4g}") for v in self.signature]
+        data["signature"] = [None if v is None else float(f"{v:.4g}") for v in self.signature]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def check_compatible(
@@ -289,6 +292,7 @@ class ModelIdentity:
             same = len(self.signature) == len(other.signature) and all(
                 math.dist(a, b) <= rtol * max(math.hypot(*a), math.hypot(*b)) + 1e-6
                 for a, b in zip(_blocks(self.signature), _blocks(other.signature), strict=True)
+                if None not in a and None not in b
             )
             if not same:
                 raise PolicyMismatchError(
@@ -298,7 +302,7 @@ class ModelIdentity:
                 )
 
 
-def _blocks(signature: list[float]) -> list[list[float]]:
+def _blocks(signature: list[float | None]) -> list[list[float | None]]:
     """The signature split per sampled tensor (compared by relative L2 distance, block by block)."""
     return [signature[i : i + _SIGNATURE_K] for i in range(0, len(signature), _SIGNATURE_K)]
 
