@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=24,
         help="SLIM Stage 3: validation questions used to choose kappa (0 = skip Stage 3)",
     )
+    p.add_argument("--stage3-max-new-tokens", type=int, default=50, help="SLIM Stage 3: answer length")
     p.add_argument(
         "--embedder",
         default="minilm",
@@ -242,7 +243,13 @@ def _stage3(args: argparse.Namespace, policy: Any, model: Any, tok: Any, dataset
     grid = [float(k) for k in args.kappa_grid.split(",") if k.strip()]
     logger.info("SLIM Stage 3: choosing kappa from %s on %d validation questions", grid, len(val_groups))
     selection = select_kappa(
-        policy, model, tok, [items[g] for g in val_groups], SentenceEmbedder(args.embedder), grid=grid
+        policy,
+        model,
+        tok,
+        [items[g] for g in val_groups],
+        SentenceEmbedder(args.embedder),
+        grid=grid,
+        max_new_tokens=args.stage3_max_new_tokens,
     )
     policy = policy.with_kappa(selection.kappa)
     policy.params["kappa"] = selection.kappa
