@@ -1,0 +1,120 @@
+"""TruthfulQA-style generation: greedy answers with the shared prompt prefix computed once.
+
+Every question's prompt is ``instruction + primer + "\\n\\nQ: {q}\\nA:"`` (method.md §5.1). The prefix
+(instruction + primer, ~200 tokens) is identical for all questions, so its KV cache is computed once
+per call and copied for each batch; only the question tokens and the answer are run per row. Rows
+are left-padded *between* the prefix and the question; the attention mask hides the padding and
+position ids follow the mask, so each row sees exactly its own prompt. Generation stops once every
+row has written ``"Q:"`` (the model starting a new question), which post-processing cuts anyway.
+
+A policy is attached with edit scope ``"generation"``: the prefix runs before the policy is
+attached, and the first forward inside ``generate`` (the question tokens) sets the prompt length,
+so the last prompt token and every generated token are edited, as in the papers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from otguard.prompts import postprocess_answer, qa_prefix
+
+logger = logging.getLogger(__name__)
+
+
+def _split_prompt_ids(
+    tokenizer: Any, prefix: str, suffixes: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the prefix and of each suffix, such that prefix + suffix == tokenize(prefix + suffix).
+
+    Raises ``ValueError`` if the tokenizer merges across the boundary (then no prefix cache can be used).
+    """
+    prefix_ids = tokenizer(prefix)["input_ids"]
+    out = []
+    for s in suffixes:
+        full = tokenizer(prefix + s)["input_ids"]
+        if full[: len(prefix_ids)] != prefix_ids:
+            raise ValueError("the tokenizer merges tokens across the prefix/question boundary")
+        out.append(full[len(prefix_ids) :])
+    return prefix_ids, out
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    policy: Any = None,
+    kappa: float | None = None,
+    max_new_tokens: int = 50,
+    batch_size: int = 32,
+    prefix: str | None = None,
+    progress: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Greedy answers to ``questions``; returns ``(answers, raw_completions)``.
+
+    ``answers`` are post-processed (text before the next ``"Q:"``, stripped).
+    """
+    prefix = qa_prefix() if prefix is None else prefix
+    suffixes = [f"\n\nQ: {q}\nA:" for q in questions]
+    device = model.get_input_embeddings().weight.device
+    try:
+        prefix_ids, suffix_ids = _split_prompt_ids(tokenizer, prefix, suffixes)
+    except ValueError:
+        logger.warning("Tokenizer merges across the prompt prefix; generating without the prefix cache.")
+        from otguard.generation import generate_texts
+
+        raw = [t[0] for t in generate_texts(model, tokenizer, [prefix + s for s in suffixes], policy=policy,
+                                            kappa=kappa, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                            progress=progress)]  # fmt: skip
+        return [postprocess_answer(r) for r in raw], raw
+
+    P = len(prefix_ids)
+    prefix_t = torch.tensor([prefix_ids], device=device)
+    prefix_cache = model(input_ids=prefix_t, use_cache=True).past_key_values
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(questions)), key=lambda i: -len(suffix_ids[i]))
+    raw: list[str] = [""] * len(questions)
+    handle = policy.attach(model, scope="generation", kappa=kappa) if policy is not None else None
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
+            idx = order[start : start + batch_size]
+            B = len(idx)
+            Q = max(len(suffix_ids[i]) for i in idx)
+            ids = torch.full((B, P + Q), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((B, P + Q), dtype=torch.long, device=device)
+            ids[:, :P] = prefix_t
+            mask[:, :P] = 1
+            for row, i in enumerate(idx):
+                n = len(suffix_ids[i])
+                ids[row, P + Q - n :] = torch.tensor(suffix_ids[i], device=device)
+                mask[row, P + Q - n :] = 1
+            cache = copy.deepcopy(prefix_cache)
+            if B > 1:
+                cache.batch_repeat_interleave(B)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                top_p=None,
+                top_k=None,
+                temperature=None,
+                pad_token_id=pad,
+                stop_strings=["Q:"],
+                tokenizer=tokenizer,
+            )
+            texts = tokenizer.batch_decode(out[:, P + Q :], skip_special_tokens=True)
+            for row, i in enumerate(idx):
+                raw[i] = texts[row]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return [postprocess_answer(r) for r in raw], raw
