@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from otguard.evaluation.semantic import Embedder, pairwise_similarity, preference_margin
-from otguard.generation import generate_texts
-from otguard.prompts import postprocess_answer, qa_prompt
+from otguard.evaluation.truthfulqa_gen import generate_answers
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def select_kappa(
     *,
     grid: Sequence[float] = DEFAULT_KAPPA_GRID,
     max_new_tokens: int = 50,
-    batch_size: int = 8,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> KappaSelection:
     """Pick κ for a SLIM ``policy`` on validation ``items`` (QAItem-like: question + references)."""
@@ -59,22 +58,21 @@ def select_kappa(
         raise ValueError("Stage 3 needs at least one validation question.")
     if not grid:
         raise ValueError("The kappa grid is empty.")
-    prompts = [qa_prompt(it.question) for it in items]
+    questions = [it.question for it in items]
     ok = [list(it.correct_answers) or [it.best_answer] for it in items]
     bad = [list(it.incorrect_answers) for it in items]
 
     def answers(kappa: float | None) -> list[str]:
-        texts = generate_texts(
+        return generate_answers(
             model,
             tokenizer,
-            prompts,
+            questions,
             policy=None if kappa is None else policy,
             kappa=kappa,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
-        )
-        return [postprocess_answer(t[0]) for t in texts]
+        )[0]
 
     base = answers(None)
     q0 = preference_margin(embedder, base, ok, bad)
