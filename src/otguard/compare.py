@@ -167,9 +167,12 @@ def run_compare(
     started = time.time()
     dataset = truthfulqa_mc2(config.data_dir)
     items = truthfulqa_items(config.data_dir)
+    n_transfer, n_docs = config.transfer_questions, config.drift_docs
     if config.limit:
         dataset = dataset.limit_groups(config.limit)
         items = items[: config.limit]
+        # A quick run scales the side evaluations with it (at most one transfer question per question).
+        n_transfer, n_docs = min(n_transfer, config.limit), min(n_docs, max(10, config.limit // 4))
     acts = collect(model, tokenizer, dataset, batch_size=config.batch_size, progress=progress)
 
     embedder = SentenceEmbedder(config.embedder)
@@ -181,7 +184,7 @@ def run_compare(
     if config.transfer == "nqopen":
         try:
             all_nq = nqopen_items(config.data_dir)
-            n = min(config.transfer_questions, len(all_nq))
+            n = min(n_transfer, len(all_nq))
             pick = np.sort(np.random.default_rng(config.seed).choice(len(all_nq), size=n, replace=False))
             transfer_items = [all_nq[i] for i in pick]
         except DataError as exc:
@@ -189,7 +192,7 @@ def run_compare(
     docs: list[str] = []
     if config.drift_source:
         try:
-            docs = sample_documents(load_documents(config.drift_source), config.drift_docs, seed=config.seed)
+            docs = sample_documents(load_documents(config.drift_source), n_docs, seed=config.seed)
         except DataError as exc:
             logger.warning("CE/KL skipped: %s", exc)
 

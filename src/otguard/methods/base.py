@@ -16,6 +16,7 @@ import torch
 
 from otguard.activations import ActivationSet
 from otguard.errors import DataError, NotFittedError
+from otguard.sites import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +86,23 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centred = x - mu
     cov = torch.einsum("n...i,n...j->...ij", centred, centred) / x.shape[0]
     return mu, cov
+
+
+def bank_identity(acts: ActivationSet) -> ModelIdentity:
+    """The model identity recorded with the activations (a shape-only stand-in for bare tensors)."""
+    return acts.model or ModelIdentity(
+        "unknown", "unknown", acts.n_layers, acts.n_heads, acts.n_heads, acts.head_dim,
+        acts.n_heads * acts.head_dim, "",
+    )  # fmt: skip
+
+
+def head_accuracy(
+    method: Any, x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: torch.Tensor
+) -> torch.Tensor:
+    """Validation accuracy ``(L, H)`` of logistic (BCE) probes on every head, to rank heads or layers."""
+    from otguard.probes import train_probes
+
+    check_two_classes(y_va, "validation")
+    bank = train_probes(x_tr, y_tr, x_va, y_va, loss="bce", epochs=method.epochs, lr=method.lr,
+                        seed=method.seed, device=method.device, progress=method.progress)  # fmt: skip
+    return bank.head_metrics(x_va, y_va)["accuracy"].cpu()

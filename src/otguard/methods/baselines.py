@@ -12,25 +12,10 @@ from typing import Any
 import torch
 
 from otguard.activations import ActivationSet
-from otguard.methods.base import Method, check_two_classes, split_xy
+from otguard.methods.base import Method, bank_identity, check_two_classes, head_accuracy, split_xy
 from otguard.policy import LayerEdit, Policy
-from otguard.probes import train_probes
-from otguard.sites import ModelIdentity
 
 logger = logging.getLogger(__name__)
-
-
-def _identity(acts: ActivationSet) -> ModelIdentity:
-    return acts.model or ModelIdentity(
-        "unknown",
-        "unknown",
-        acts.n_layers,
-        acts.n_heads,
-        acts.n_heads,
-        acts.head_dim,
-        acts.n_heads * acts.head_dim,
-        "",
-    )
 
 
 def _shift_edits(shifts: torch.Tensor, mask: torch.Tensor) -> list[LayerEdit]:
@@ -66,7 +51,7 @@ class NoIntervention(Method):
         pass
 
     def fit(self, acts: ActivationSet, train_idx: Any = None, val_idx: Any = None) -> NoIntervention:
-        self._policy = Policy(method=self.name, rule="shift", layers=[], model=_identity(acts), params={})
+        self._policy = Policy(method=self.name, rule="shift", layers=[], model=bank_identity(acts), params={})
         return self
 
 
@@ -103,20 +88,7 @@ class ITI(Method):
         x_tr, y_tr = split_xy(acts, train_idx, "training")
         x_va, y_va = split_xy(acts, val_idx, "validation")
         check_two_classes(y_tr, "training")
-        check_two_classes(y_va, "validation")
-        bank = train_probes(
-            x_tr,
-            y_tr,
-            x_va,
-            y_va,
-            loss="bce",
-            epochs=self.epochs,
-            lr=self.lr,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
-        accuracy = bank.head_metrics(x_va, y_va)["accuracy"].cpu()  # (L, H)
+        accuracy = head_accuracy(self, x_tr, y_tr, x_va, y_va)  # (L, H)
         L, H = accuracy.shape
         k = min(int(self.top_k), L * H)
         top = torch.topk(accuracy.flatten(), k).indices
@@ -128,7 +100,7 @@ class ITI(Method):
         sigma = torch.einsum("nlhd,lhd->nlh", x_tr.double(), unit).std(0)  # (L, H)
         shifts = self.strength * sigma[..., None] * unit
         self._policy = Policy(
-            method=self.name, rule="shift", layers=_shift_edits(shifts, mask), model=_identity(acts),
+            method=self.name, rule="shift", layers=_shift_edits(shifts, mask), model=bank_identity(acts),
             params=self.get_params(),
             meta={"heads": [[int(i // H), int(i % H)] for i in top.tolist()],
                   "val_accuracy": accuracy[mask].tolist()},
@@ -170,20 +142,7 @@ class MeanShift(Method):
         layer = self.layer
         if layer is None:
             x_va, y_va = split_xy(acts, val_idx, "validation")
-            check_two_classes(y_va, "validation")
-            bank = train_probes(
-                x_tr,
-                y_tr,
-                x_va,
-                y_va,
-                loss="bce",
-                epochs=self.epochs,
-                lr=self.lr,
-                seed=self.seed,
-                device=self.device,
-                progress=self.progress,
-            )
-            layer = int(bank.head_metrics(x_va, y_va)["accuracy"].mean(-1).argmax().cpu())
+            layer = int(head_accuracy(self, x_tr, y_tr, x_va, y_va).mean(-1).argmax())
         if not 0 <= layer < acts.n_layers:
             raise ValueError(f"layer must be in 0..{acts.n_layers - 1}, got {layer}.")
         shifts = torch.zeros(acts.n_layers, acts.n_heads, acts.head_dim, dtype=torch.float64)
@@ -194,7 +153,7 @@ class MeanShift(Method):
             method=self.name,
             rule="shift",
             layers=_shift_edits(shifts, mask),
-            model=_identity(acts),
+            model=bank_identity(acts),
             params=self.get_params(),
             meta={"layer": layer},
         )

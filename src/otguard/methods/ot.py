@@ -36,10 +36,9 @@ import torch
 
 from otguard.activations import ActivationSet
 from otguard.errors import DataError
-from otguard.methods.base import Method, check_two_classes, split_xy
+from otguard.methods.base import Method, bank_identity, check_two_classes, split_xy
 from otguard.policy import LayerEdit, Policy
 from otguard.probes import fit_detector
-from otguard.sites import ModelIdentity
 from otguard.transport import ChanceLevel, Margin, fit_head_maps, guarantee_rate
 
 logger = logging.getLogger(__name__)
@@ -135,16 +134,7 @@ class _OTMethod(Method):
             b=b,
             A=A,
         )
-        identity = acts.model or ModelIdentity(
-            "unknown",
-            "unknown",
-            acts.n_layers,
-            acts.n_heads,
-            acts.n_heads,
-            acts.head_dim,
-            acts.n_heads * acts.head_dim,
-            "",
-        )
+        identity = bank_identity(acts)
         meta = {
             "data_fingerprint": acts.meta.get("data_fingerprint"),
             "dataset": acts.meta.get("dataset"),
