@@ -471,7 +471,7 @@ class _RetryableError(Exception):
         self.retry_after = retry_after
 
 
-def _parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
@@ -782,7 +782,7 @@ class OpenAIJudge:
                     f"Judge server at {self.base_url}: authentication failed (HTTP {exc.code}): {_AUTH_HINT}."
                 ) from None
             if exc.code == 429 or exc.code >= 500:
-                retry_after = _parse_retry_after(exc.headers.get("Retry-After"))
+                retry_after = parse_retry_after(exc.headers.get("Retry-After"))
                 raise _RetryableError(f"HTTP {exc.code}", retry_after) from None
             raise JudgeError(
                 f"Judge server at {self.base_url} rejected the request to {url} (HTTP {exc.code}): "
