@@ -567,13 +567,13 @@ def test_openai_retries_429_honouring_retry_after(server):
 def test_retry_after_header_parsing():
     from email.utils import formatdate
 
-    from otguard.evaluation.judges import MAX_RETRY_AFTER, _parse_retry_after
+    from otguard.evaluation.judges import MAX_RETRY_AFTER, parse_retry_after
 
-    assert _parse_retry_after("2.5") == 2.5
-    assert _parse_retry_after("-3") == 0.0
-    assert _parse_retry_after("99999") == MAX_RETRY_AFTER
-    assert _parse_retry_after(None) is None and _parse_retry_after("soon") is None
-    in_a_minute = _parse_retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert parse_retry_after("2.5") == 2.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("99999") == MAX_RETRY_AFTER
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    in_a_minute = parse_retry_after(formatdate(time.time() + 60, usegmt=True))
     assert 55 <= in_a_minute <= 61
 
 
