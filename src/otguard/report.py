@@ -568,6 +568,7 @@ def plot_tradeoff(
     colors = _method_colors(results)
     fig = _new_figure(6.4, 4.8)
     ax = fig.subplots()
+    seen: dict[tuple[float, float], int] = {}  # methods at the same point get stacked labels
     for method, sx, sy in points:
         kx = 100.0 if mx.unit == "%" else 1.0
         ky = 100.0 if my.unit == "%" else 1.0
@@ -584,10 +585,13 @@ def plot_tradeoff(
             capsize=3,
             lw=1.2,
         )
+        key = (round(kx * sx.mean, 1), round(ky * sy.mean, 1))  # near-coincident in plotted units
+        stack = seen.get(key, 0)
+        seen[key] = stack + 1
         ax.annotate(
             method,
             (kx * sx.mean, ky * sy.mean),
-            xytext=(6, 6),
+            xytext=(6, 6 + 12 * stack),
             textcoords="offset points",
             fontsize=9,
             color=colors[method],
