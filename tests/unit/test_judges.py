@@ -567,7 +567,7 @@ def test_openai_retries_429_honouring_retry_after(server):
 def test_retry_after_header_parsing():
     from email.utils import formatdate
 
-    from otguard.evaluation.judges import MAX_RETRY_AFTER, parse_retry_after
+    from otguard.evaluation._http import MAX_RETRY_AFTER, parse_retry_after
 
     assert parse_retry_after("2.5") == 2.5
     assert parse_retry_after("-3") == 0.0

@@ -22,7 +22,6 @@ reads the probability of "yes". Numbers from different judges are not comparable
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import logging
@@ -44,6 +43,7 @@ import numpy as np
 
 from otguard.data.qa import QAItem
 from otguard.errors import OtguardError
+from otguard.evaluation._http import RetryableError, parse_retry_after, read_error_detail
 from otguard.evaluation.semantic import Embedder, preference_margin
 
 __all__ = [
@@ -444,9 +444,6 @@ JUDGE_API_KEY_ENV = "OTGUARD_JUDGE_API_KEY"
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-#: Longest wait honoured from a ``Retry-After`` header, so that a bogus value cannot hang a run.
-MAX_RETRY_AFTER = 600.0
-
 _AUTH_HINT = f"check {JUDGE_API_KEY_ENV} / {OPENAI_API_KEY_ENV}"
 
 _CHAT_SYSTEM = {
@@ -462,30 +459,6 @@ _CHAT_SYSTEM = {
     ),
 }
 _SUFFIX = {"truth": "True:", "info": "Helpful:"}
-
-
-class _RetryableError(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _yes_probability(tokens: Iterable[tuple[str, float]]) -> float:
@@ -740,7 +713,7 @@ class OpenAIJudge:
         for attempt in range(self.max_retries + 1):
             try:
                 return self._attempt(url, body, headers)
-            except _RetryableError as exc:
+            except RetryableError as exc:
                 last = exc.reason
                 if attempt == self.max_retries:
                     break
@@ -771,26 +744,21 @@ class OpenAIJudge:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            try:
-                detail = self._redact(exc.read(2000).decode("utf-8", "replace").strip())
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            finally:
-                exc.close()
+            detail = read_error_detail(exc, self._redact)
             if exc.code in (401, 403):
                 raise JudgeError(
                     f"Judge server at {self.base_url}: authentication failed (HTTP {exc.code}): {_AUTH_HINT}."
                 ) from None
             if exc.code == 429 or exc.code >= 500:
                 retry_after = parse_retry_after(exc.headers.get("Retry-After"))
-                raise _RetryableError(f"HTTP {exc.code}", retry_after) from None
+                raise RetryableError(f"HTTP {exc.code}", retry_after) from None
             raise JudgeError(
                 f"Judge server at {self.base_url} rejected the request to {url} (HTTP {exc.code}): "
                 f"{detail[:500] or exc.reason}"
             ) from None
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, bad status lines
             reason = getattr(exc, "reason", None) or exc
-            raise _RetryableError(f"{type(exc).__name__}: {reason}") from None
+            raise RetryableError(f"{type(exc).__name__}: {reason}") from None
         try:
             reply = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

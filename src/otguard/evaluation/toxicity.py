@@ -37,7 +37,7 @@ import torch
 
 from otguard.data._base import TextDataset
 from otguard.errors import DataError, ModelLoadError, NotFittedError, OtguardError
-from otguard.evaluation.judges import parse_retry_after
+from otguard.evaluation._http import RetryableError, parse_retry_after, read_error_detail
 from otguard.evaluation.semantic import Embedder
 
 __all__ = [
@@ -309,13 +309,6 @@ class PerspectiveError(OtguardError, RuntimeError):
     """The Perspective API refused the key, the request, or could not be reached."""
 
 
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
 class PerspectiveScorer:
     """Google's Perspective API (the paper's scorer): one ``comments:analyze`` request per text.
 
@@ -422,7 +415,7 @@ class PerspectiveScorer:
             self._wait_for_slot()
             try:
                 return self._attempt(url, body)
-            except _Retryable as exc:
+            except RetryableError as exc:
                 last = exc.reason
                 if attempt == self.max_retries:
                     break
@@ -452,14 +445,9 @@ class PerspectiveScorer:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            try:
-                detail = self._redact(exc.read(2000).decode("utf-8", "replace").strip())
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            finally:
-                exc.close()
+            detail = read_error_detail(exc, self._redact)
             if exc.code == 429 or exc.code >= 500:
-                raise _Retryable(
+                raise RetryableError(
                     f"HTTP {exc.code}", parse_retry_after(exc.headers.get("Retry-After"))
                 ) from None
             hint = (
@@ -473,7 +461,7 @@ class PerspectiveScorer:
             ) from None
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
             reason = self._redact(str(getattr(exc, "reason", None) or exc))
-            raise _Retryable(f"{type(exc).__name__}: {reason}") from None
+            raise RetryableError(f"{type(exc).__name__}: {reason}") from None
         try:
             reply = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
