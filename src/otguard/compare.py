@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -128,18 +127,6 @@ def _judge_metrics(prefix: str, result: Any) -> dict[str, float]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_compare(
     model: Any,
     tokenizer: Any,
@@ -158,7 +145,7 @@ def run_compare(
     from otguard.evaluation.truthfulqa_mc import score_mc
     from otguard.methods import get_method
     from otguard.methods.stage3 import select_kappa
-    from otguard.report import write_report
+    from otguard.report import atomic_write_bytes, write_report
 
     if config.dataset not in ("truthfulqa", "truthfulqa-mc2"):
         raise DataError(f"compare supports --dataset truthfulqa for now, got {config.dataset!r}.")
@@ -278,12 +265,12 @@ def run_compare(
         "methods": {m: {"summary": {k: _summary(v) for k, v in per_method[m].items()}, "folds": fold_info[m]}
                     for m in config.methods},
     }  # fmt: skip
-    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["fold", "method", "question", "answer", "true"])
     writer.writeheader()
     writer.writerows(answer_rows)
-    _write_atomic(out / "answers.csv", buf.getvalue())
+    atomic_write_bytes(out / "answers.csv", buf.getvalue().encode("utf-8"))
     write_report(out / "results.json", out)
     logger.info("Wrote %s (%.0f s)", out / "results.json", time.time() - started)
     return results

@@ -415,7 +415,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder + ``os.replace``: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -433,7 +433,7 @@ def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out = Path(path)
-    _atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 
@@ -899,8 +899,8 @@ def write_report(results_path: str | os.PathLike[str], out_dir: str | os.PathLik
             (out / name).unlink(missing_ok=True)
     blocks = _report_blocks(results, rpath, plots, tradeoff)
     md_path, html_path = out / "report.md", out / "report.html"
-    _atomic_write_bytes(md_path, _render_markdown(blocks).encode("utf-8"))
-    _atomic_write_bytes(html_path, _render_html(blocks, out).encode("utf-8"))
+    atomic_write_bytes(md_path, _render_markdown(blocks).encode("utf-8"))
+    atomic_write_bytes(html_path, _render_html(blocks, out).encode("utf-8"))
     return md_path, html_path
 
 
