@@ -25,7 +25,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="Hub id, local folder, .gguf file, or the packaged alias smollm2-135m (default)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="model dtype: float32, bfloat16, float16, or auto (bfloat16 where the CPU/GPU computes it "
+        "natively, else float32); default float32, auto for compare",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
 
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage3-questions", type=int, default=24)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs for every method")
     p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(dtype="auto")
 
     p = sub.add_parser("report", help="(re)write report.md / report.html from a results.json")
     from otguard.report import add_arguments

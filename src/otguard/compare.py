@@ -8,9 +8,9 @@ folds), then evaluate it on the held-out questions:
 - generation: greedy answers judged by the main judge (True, Info, True×Info as the product of
   averages *and* as the joint rate), plus SEM, the BLEU/ROUGE-L reference-overlap rules and the
   "I have no comment" rate;
-- transfer: the same generation evaluation on NQ-Open (a fixed, seeded subset);
-- side effects: CE and KL on a seeded sample of natural text (policy on every position), the
-  detector's flag rate and edited heads per flagged token.
+- transfer: the same generation evaluation on NQ-Open (a fixed, seeded subset, split across folds);
+- side effects: CE and KL on a seeded sample of natural text (policy on every position; split across
+  folds), the detector's flag rate and edited heads per flagged token.
 
 Writes ``results.json`` (per method and metric: mean, std and per-fold values, plus the run's
 configuration and versions), ``answers.csv``, ``report.md`` and ``report.html``.
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from otguard.errors import DataError
 
@@ -79,11 +80,12 @@ class CompareConfig:
     split_seed: int = 42
     val_ratio: float = 0.2
     batch_size: int = 32
+    mc_batch_size: int = 64
     max_new_tokens: int = 50
     transfer: str | None = "nqopen"
-    transfer_questions: int = 200
+    transfer_questions: int = 200  # in all, split across the folds
     drift_source: str | None = "xsum"
-    drift_docs: int = 100
+    drift_docs: int = 100  # in all, split across the folds
     drift_tokens: int = 128
     stage3_questions: int = 24
     kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
@@ -127,6 +129,42 @@ def _judge_metrics(prefix: str, result: Any) -> dict[str, float]:
     return out
 
 
+def _fit_policies(model: Any, tokenizer: Any, config: CompareConfig, acts: Any, split: Any,
+                  stage3: Any, progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Fit every method of ``config`` on one fold; ``stage3(policy)`` tunes SLIM's κ (or returns it)."""
+    from otguard.methods import get_method
+
+    policies: dict[str, Any] = {}
+    for name in config.methods:
+        t0 = time.time()
+        params = {"seed": config.seed, **config.method_params.get(name, {})}
+        method = get_method(name)
+        params = {k: v for k, v in params.items() if k in method.get_params()}
+        if "progress" in method.get_params():
+            params["progress"] = progress
+        policy = method.set_params(**params).fit(acts, split.train, split.val).policy_
+        if name == "slim" and "kappa" not in config.method_params.get("slim", {}):
+            policy = stage3(policy)
+        policy.meta["fit_seconds"] = time.time() - t0
+        policies[name] = policy
+    return policies
+
+
+def _fold_info(fold: int, policy: Any, seconds: float) -> dict[str, Any]:
+    det = policy.meta.get("detector_val")
+    return {
+        "fold": fold,
+        "seconds": seconds,
+        "fit_seconds": policy.meta.get("fit_seconds"),
+        "policy": {"layers": [e.layer for e in policy.layers],
+                   "threshold": policy.layers[0].threshold if policy.layers else None,
+                   "kappa": policy.kappa, "rule": policy.rule},
+        "detector": ({"layer": policy.meta.get("layer"),
+                      "per_layer": {k: det[k] for k in ("fpr", "fnr", "accuracy", "f1", "threshold")
+                                    if k in det}} if det else None),
+    }  # fmt: skip
+
+
 def run_compare(
     model: Any,
     tokenizer: Any,
@@ -135,15 +173,21 @@ def run_compare(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the comparison and write its outputs into ``out_dir``; returns the results dict."""
+    """Run the comparison and write its outputs into ``out_dir``; returns the results dict.
+
+    Per fold, every method is fitted first; then the side effects of all policies are measured in
+    one pass over the natural-text sample (the original model's forward is shared), and each policy
+    is evaluated on the fold's held-out questions. The transfer questions and the natural-text
+    documents are split across the folds like the questions (fold ``k`` uses items ``k::folds``), so
+    every item is evaluated once per method, with the policy of the fold it falls in.
+    """
     from otguard.activations import collect
     from otguard.data import group_kfold, nqopen_items, truthfulqa_items, truthfulqa_mc2
-    from otguard.evaluation.drift import load_documents, measure_drift, sample_documents
+    from otguard.evaluation.drift import load_documents, measure_drift_many, sample_documents
     from otguard.evaluation.judges import ReferenceOverlapJudge, SemJudge, make_judge, no_comment_rate
     from otguard.evaluation.semantic import SentenceEmbedder
     from otguard.evaluation.truthfulqa_gen import generate_answers
     from otguard.evaluation.truthfulqa_mc import score_mc
-    from otguard.methods import get_method
     from otguard.methods.stage3 import select_kappa
     from otguard.report import atomic_write_bytes, write_report
 
@@ -158,9 +202,11 @@ def run_compare(
     if config.limit:
         dataset = dataset.limit_groups(config.limit)
         items = items[: config.limit]
-        # A quick run scales the side evaluations with it (at most one transfer question per question).
-        n_transfer, n_docs = min(n_transfer, config.limit), min(n_docs, max(10, config.limit // 4))
+        # A quick run scales the side evaluations with it (one transfer question per two questions).
+        n_transfer = min(n_transfer, max(1, config.limit // 2))
+        n_docs = min(n_docs, max(10, config.limit // 4))
     acts = collect(model, tokenizer, dataset, batch_size=config.batch_size, progress=progress)
+    timings: dict[str, float] = {"collect": time.time() - started}
 
     embedder = SentenceEmbedder(config.embedder)
     sem_judge = SemJudge(embedder)
@@ -183,6 +229,9 @@ def run_compare(
         except DataError as exc:
             logger.warning("CE/KL skipped: %s", exc)
 
+    def add_time(key: str, t0: float) -> None:
+        timings[key] = timings.get(key, 0.0) + time.time() - t0
+
     per_method: dict[str, dict[str, list[float]]] = {m: {} for m in config.methods}
     fold_info: dict[str, list[dict[str, Any]]] = {m: [] for m in config.methods}
     answer_rows: list[dict[str, Any]] = []
@@ -191,28 +240,46 @@ def run_compare(
                             seed=config.split_seed)  # fmt: skip
         test_items = [items[g] for g in np.unique(dataset.groups[split.test])]
         val_items = [items[g] for g in np.unique(dataset.groups[split.val])][: config.stage3_questions]
-        for name in config.methods:
+        fold_transfer = transfer_items[fold :: config.folds]
+        fold_docs = docs[fold :: config.folds]
+
+        def stage3(policy: Any, val_items: list[Any] = val_items) -> Any:
+            if not val_items:
+                return policy
             t0 = time.time()
-            params = {"seed": config.seed, **config.method_params.get(name, {})}
-            method = get_method(name)
-            params = {k: v for k, v in params.items() if k in method.get_params()}
-            if "progress" in method.get_params():
-                params["progress"] = progress
-            policy = method.set_params(**params).fit(acts, split.train, split.val).policy_
-            if name == "slim" and "kappa" not in config.method_params.get("slim", {}) and val_items:
-                sel = select_kappa(policy, model, tokenizer, val_items, embedder, grid=config.kappa_grid,
-                                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                   progress=progress)  # fmt: skip
-                policy = policy.with_kappa(sel.kappa)
-                policy.meta["stage3"] = sel.to_dict()
-            active = policy if policy.layers else None
+            sel = select_kappa(policy, model, tokenizer, val_items, embedder, grid=config.kappa_grid,
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                               progress=progress)  # fmt: skip
+            add_time("stage3", t0)
+            policy = policy.with_kappa(sel.kappa)
+            policy.meta["stage3"] = sel.to_dict()
+            return policy
+
+        t0 = time.time()
+        policies = _fit_policies(model, tokenizer, config, acts, split, stage3, progress)
+        add_time("fit", t0)
+        active = {name: (p if p.layers else None) for name, p in policies.items()}
+        drift = {}
+        if fold_docs:
+            t0 = time.time()
+            drift = measure_drift_many(model, tokenizer, fold_docs, active, max_tokens=config.drift_tokens,
+                                       batch_size=8, progress=progress)  # fmt: skip
+            add_time("side_effects", t0)
+        for name in config.methods:
+            t_method = time.time()
+            policy = active[name]
             metrics: dict[str, float] = {}
-            mc = score_mc(model, tokenizer, test_items, policy=active, batch_size=config.batch_size,
+            t0 = time.time()
+            mc = score_mc(model, tokenizer, test_items, policy=policy, batch_size=config.mc_batch_size,
                           progress=progress)  # fmt: skip
+            add_time("mc", t0)
             metrics.update({"mc1": mc.mc1, "mc2": mc.mc2, "mc3": mc.mc3})
-            answers, _ = generate_answers(model, tokenizer, [it.question for it in test_items], policy=active,
+            t0 = time.time()
+            answers, _ = generate_answers(model, tokenizer, [it.question for it in test_items], policy=policy,
                                           max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                           progress=progress)  # fmt: skip
+            add_time("generation", t0)
+            t0 = time.time()
             main = main_judge.judge(test_items, answers)
             metrics.update(_judge_metrics("", main))
             metrics["sem"] = (
@@ -222,44 +289,37 @@ def run_compare(
             for key, judge in overlap.items():
                 metrics[key] = judge.judge(test_items, answers).summary()["true"]
             metrics["no_comment_rate"] = no_comment_rate(answers)
+            add_time("judging", t0)
             truthful = np.asarray(main.truthful, dtype=bool)
             for it, ans, ok in zip(test_items, answers, truthful, strict=True):
                 answer_rows.append({"fold": fold, "method": name, "question": it.question, "answer": ans,
                                     "true": bool(ok)})  # fmt: skip
-            if transfer_items:
-                nq_answers, _ = generate_answers(model, tokenizer, [it.question for it in transfer_items],
-                                                 policy=active, max_new_tokens=config.max_new_tokens,
+            if fold_transfer:
+                t0 = time.time()
+                nq_answers, _ = generate_answers(model, tokenizer, [it.question for it in fold_transfer],
+                                                 policy=policy, max_new_tokens=config.max_new_tokens,
                                                  batch_size=config.batch_size, progress=progress)  # fmt: skip
-                metrics.update(_judge_metrics("nq_", main_judge.judge(transfer_items, nq_answers)))
-            if docs:
-                drift = measure_drift(model, tokenizer, docs, active, max_tokens=config.drift_tokens,
-                                      batch_size=config.batch_size, progress=progress)  # fmt: skip
-                metrics["ce"] = drift.ce
-                metrics["kl"] = drift.kl
-                if active is not None and drift.flag_rate is not None:
-                    metrics["flag_rate"] = drift.flag_rate
-                    metrics["edited_heads"] = drift.edited_heads_per_flag or 0.0
+                metrics.update(_judge_metrics("nq_", main_judge.judge(fold_transfer, nq_answers)))
+                add_time("transfer", t0)
+            if name in drift:
+                d = drift[name]
+                metrics["ce"], metrics["kl"] = d.ce, d.kl
+                if policy is not None and d.flag_rate is not None:
+                    metrics["flag_rate"] = d.flag_rate
+                    metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
             for key, value in metrics.items():
                 per_method[name].setdefault(key, []).append(float(value))
-            det = policy.meta.get("detector_val")
-            fold_info[name].append({
-                "fold": fold,
-                "seconds": time.time() - t0,
-                "policy": {"layers": [e.layer for e in policy.layers],
-                           "threshold": policy.layers[0].threshold if policy.layers else None,
-                           "kappa": policy.kappa, "rule": policy.rule},
-                "detector": ({"layer": policy.meta.get("layer"),
-                              "per_layer": {k: det[k] for k in ("fpr", "fnr", "accuracy", "f1", "threshold")
-                                            if k in det}} if det else None),
-            })  # fmt: skip
-            logger.info("fold %d %s: %s (%.0f s)", fold, name,
-                        ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()), time.time() - t0)  # fmt: skip
+            fold_info[name].append(_fold_info(fold, policies[name], time.time() - t_method))
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+            logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, time.time() - t_method)
 
     results = {
         "config": {**config.to_dict(), "model": getattr(model.config, "_name_or_path", config.model),
                    "judge": main_judge.name if hasattr(main_judge, "name") else config.judge,
+                   "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                   "threads": torch.get_num_threads(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                   "seconds": time.time() - started, "versions": _versions(),
+                   "seconds": time.time() - started, "timings": timings, "versions": _versions(),
                    "methods": list(config.methods)},
         "metrics": {k: v for k, v in METRICS.items() if any(k in per_method[m] for m in config.methods)},
         "methods": {m: {"summary": {k: _summary(v) for k, v in per_method[m].items()}, "folds": fold_info[m]}

@@ -40,16 +40,39 @@ def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "otguard"
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), read on Linux."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The fastest dtype that computes natively on ``device``: bfloat16 on CUDA GPUs that support it
+    and on CPUs with bf16 instructions (about 2x faster than float32 for SmolLM2 on an AVX512-BF16
+    CPU, see benchmarks/), float32 otherwise (emulated bf16 is slower than float32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     table = {
         "float32": torch.float32, "fp32": torch.float32,
         "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
         "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     }  # fmt: skip
     if dtype not in table:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(table)}.")
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(table)} or 'auto'.")
     return table[dtype]
 
 
@@ -131,7 +154,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = _resolve_dtype(dtype, device)
     path = Path(name_or_path).expanduser()
     display = name_or_path
     if name_or_path in _ALIASES:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from otguard.evaluation.drift import load_documents, measure_drift, sample_documents
+from otguard.evaluation.drift import load_documents, measure_drift, measure_drift_many, sample_documents
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import model_identity
 
@@ -63,6 +63,20 @@ def test_batching_does_not_change_results(smollm2) -> None:
     a = measure_drift(model, tok, DOCS, policy, max_tokens=32, batch_size=1)
     b = measure_drift(model, tok, DOCS, policy, max_tokens=32, batch_size=3)
     assert abs(a.kl - b.kl) < 1e-4 and abs(a.ce - b.ce) < 1e-4
+
+
+def test_many_policies_share_the_original_forward_with_the_same_results(smollm2) -> None:
+    model, tok = smollm2
+    policies = {"none": None, "weak": shift_policy(model, 0.5), "strong": shift_policy(model, 3.0)}
+    many = measure_drift_many(model, tok, DOCS, policies, max_tokens=32, batch_size=2)
+    for name, policy in policies.items():
+        one = measure_drift(model, tok, DOCS, policy, max_tokens=32, batch_size=2)
+        a, b = many[name].to_dict(), one.to_dict()
+        for key in a:
+            assert (a[key] is None) == (b[key] is None), (name, key)
+            if a[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (name, key)
+    assert many["none"].kl == 0.0 < many["weak"].kl < many["strong"].kl
 
 
 def test_text_sources(tmp_path) -> None:

@@ -4,8 +4,12 @@ Every question's prompt is ``instruction + primer + "\\n\\nQ: {q}\\nA:"`` (metho
 (instruction + primer, ~200 tokens) is identical for all questions, so its KV cache is computed once
 per call and copied for each batch; only the question tokens and the answer are run per row. Rows
 are left-padded *between* the prefix and the question; the attention mask hides the padding and
-position ids follow the mask, so each row sees exactly its own prompt. Generation stops once every
-row has written ``"Q:"`` (the model starting a new question), which post-processing cuts anyway.
+position ids follow the mask, so each row sees exactly its own prompt.
+
+Decoding (:func:`otguard.decoding.decode`) drops finished rows from the batch and its KV cache: a
+row is finished once it has written ``"Q:"`` (the model starting a new question, which
+post-processing cuts anyway) or an end-of-sequence token. The answers equal ``model.generate``'s
+(tested); models whose forward takes no ``position_ids`` use ``model.generate``.
 
 A policy is attached with edit scope ``"generation"``: the prefix runs before the policy is
 attached, and the first forward inside ``generate`` (the question tokens) sets the prompt length,
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from otguard.decoding import accepts_argument, decode
 from otguard.prompts import postprocess_answer, qa_prefix
 
 logger = logging.getLogger(__name__)
@@ -56,11 +61,16 @@ def generate_answers(
     batch_size: int = 32,
     prefix: str | None = None,
     progress: bool = True,
+    evict: bool | None = None,
 ) -> tuple[list[str], list[str]]:
     """Greedy answers to ``questions``; returns ``(answers, raw_completions)``.
 
-    ``answers`` are post-processed (text before the next ``"Q:"``, stripped).
+    ``answers`` are post-processed (text before the next ``"Q:"``, stripped). ``evict`` picks the
+    decoder: the row-dropping loop (:func:`otguard.decoding.decode`, default where the model takes
+    ``position_ids``) or ``model.generate`` (``evict=False``); the answers are the same.
     """
+    if evict is None:
+        evict = accepts_argument(model, "position_ids")
     prefix = qa_prefix() if prefix is None else prefix
     suffixes = [f"\n\nQ: {q}\nA:" for q in questions]
     device = model.get_input_embeddings().weight.device
@@ -98,6 +108,15 @@ def generate_answers(
             cache = copy.deepcopy(prefix_cache)
             if B > 1:
                 cache.batch_repeat_interleave(B)
+            if evict:
+                if handle is not None:
+                    handle.reset()
+                new_tokens = decode(model, tokenizer, ids, mask, cache, max_new_tokens=max_new_tokens,
+                                    stop_strings=("Q:",))  # fmt: skip
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for row, i in enumerate(idx):
+                    raw[i] = texts[row]
+                continue
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
