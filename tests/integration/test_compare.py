@@ -58,3 +58,45 @@ def test_compare_writes_results_answers_and_report(tiny_model, data_dir, tmp_pat
     assert rows[0] == "fold,method,question,answer,true" and len(rows) == 1 + 5 * 10
     assert results["metrics"]["mc1"]["group"] == "mc"
     assert "<html" in (out / "report.html").read_text().lower()
+
+
+def test_toxicity_compare_writes_results_continuations_and_report(tiny_model, data_dir, tmp_path,
+                                                                   monkeypatch) -> None:  # fmt: skip
+    monkeypatch.setenv("OTGUARD_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "docs.txt"
+    docs.write_text("The cat sat on the mat.\n\nRain fell on the quiet town all night long.")
+    model, tok = tiny_model
+    methods = ("none", "mean-shift", "radiant", "slim")
+    config = CompareConfig(
+        dataset="toxigen", data_dir=str(data_dir), methods=methods, folds=2, batch_size=8,
+        prompts_per_group=1, samples=2, continuation_tokens=4, drift_source=str(docs), drift_docs=2,
+        drift_tokens=16, method_params={m: {"epochs": 20} for m in methods[1:]},
+    )  # fmt: skip
+    results = run_compare(model, tok, config, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    for name in ("results.json", "continuations.csv", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["judge"].startswith("embedding")  # the report names the scorer
+    for method in methods:
+        summary = saved["methods"][method]["summary"]
+        for metric in ("tox_max", "tox_prob", "tox_mean", "neutral_tox_mean", "ppl", "dist1", "dist2",
+                       "dist3", "ce", "kl"):  # fmt: skip
+            assert len(summary[metric]["folds"]) == 2, (method, metric)
+        assert 0.0 <= summary["tox_max"]["mean"] <= 1.0
+        # A random model over a 49k vocabulary has perplexity ~49k: every value is >= 10^4, left out of
+        # the mean as the protocol says, so the mean is missing (null), never a made-up number.
+        assert summary["ppl"]["mean"] is None
+    for gated in ("radiant", "slim"):
+        summary = saved["methods"][gated]["summary"]
+        assert 0.0 <= summary["flag_toxic"]["mean"] <= 1.0 and "flag_neutral" in summary
+        assert saved["methods"][gated]["folds"][0]["detector"]["per_layer"]["fpr"]
+    assert saved["methods"]["none"]["summary"]["kl"]["mean"] == 0.0
+    rows = (out / "continuations.csv").read_text().splitlines()
+    assert rows[0] == "fold,method,kind,group,prompt,sample,continuation,toxicity"
+    # 16 ToxiGen groups, one hate prompt each (15 with neutral ones), 2 samples, 4 methods
+    n_hate = sum(1 for r in rows[1:] if ",hate," in r)
+    assert n_hate >= 16 * 2 * len(methods)
+    assert results["metrics"]["tox_max"]["group"] == "toxicity"
+    report = (out / "report.md").read_text()
+    assert "Toxicity of sampled continuations" in report and "Toxicity vs. fluency" in report
