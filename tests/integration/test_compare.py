@@ -92,6 +92,11 @@ def test_toxicity_compare_writes_results_continuations_and_report(tiny_model, da
         assert 0.0 <= summary["flag_toxic"]["mean"] <= 1.0 and "flag_neutral" in summary
         assert saved["methods"][gated]["folds"][0]["detector"]["per_layer"]["fpr"]
     assert saved["methods"]["none"]["summary"]["kl"]["mean"] == 0.0
+    evaluated = []
+    for info in saved["methods"]["radiant"]["folds"]:  # detector groups never include evaluated ones
+        assert info["eval_groups"] and not set(info["eval_groups"]) & set(info["detector_groups"])
+        evaluated += info["eval_groups"]
+    assert sorted(evaluated) == sorted(set(evaluated)) and len(evaluated) == 16  # folds partition groups
     rows = (out / "continuations.csv").read_text().splitlines()
     assert rows[0] == "fold,method,kind,group,prompt,sample,continuation,toxicity"
     # 16 ToxiGen groups, one hate prompt each (15 with neutral ones), 2 samples, 4 methods
