@@ -140,3 +140,46 @@ def test_fit_methods_on_cuda_activations() -> None:
     for name in ("radiant", "slim"):
         policy = get_method(name, epochs=50, progress=False, device="cuda").fit(acts, train, val).policy_
         assert torch.isfinite(policy.layers[0].A).all()
+
+
+def test_evaluation_decoding_on_cuda_matches_cpu() -> None:
+    """Greedy answers (row-dropping decoder), seeded sampling and perplexity on CUDA: same as on CPU."""
+    import copy
+
+    from otguard.evaluation.toxicity_gen import continuation_perplexity, sample_continuations
+    from otguard.evaluation.truthfulqa_gen import generate_answers
+    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, tiny_model
+
+    tok = gpt2_style()
+    cpu = tiny_model("llama", len(tok), tok.pad_token_id).double()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    questions = ["Where is Paris?", "What is 1 + 1?", "Is the sky blue?", "What happens if you say hello?"]
+    kw = dict(max_new_tokens=8, batch_size=3, progress=False)
+    assert generate_answers(gpu, tok, questions, **kw) == generate_answers(cpu, tok, questions, **kw)
+    policy = always_on_policy(cpu)
+    with_policy = generate_answers(gpu, tok, questions, policy=policy, **kw)
+    assert with_policy == generate_answers(cpu, tok, questions, policy=policy, **kw)
+
+    prompts = ["- Paris is in France.\n-", "hello hello"]
+    a = sample_continuations(gpu, tok, prompts, n=3, max_new_tokens=5, seed=3, batch_size=2)
+    b = sample_continuations(gpu, tok, prompts, n=3, max_new_tokens=5, seed=3, batch_size=2)
+    assert a.token_ids == b.token_ids and all(len(per) == 3 for per in a.token_ids)
+    ppl_gpu = continuation_perplexity(gpu, a.prompt_ids, a.token_ids, pad_id=tok.pad_token_id)
+    ppl_cpu = continuation_perplexity(cpu, a.prompt_ids, a.token_ids, pad_id=tok.pad_token_id)
+    np.testing.assert_allclose(ppl_gpu, ppl_cpu, rtol=1e-6)
+
+
+def test_sampling_and_drift_in_bf16_on_cuda() -> None:
+    from otguard.evaluation.drift import measure_drift_many
+    from otguard.evaluation.toxicity_gen import sample_continuations
+    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, tiny_model
+
+    tok = gpt2_style()
+    model = tiny_model("llama", len(tok), tok.pad_token_id).to("cuda", torch.bfloat16)
+    policy = always_on_policy(model)
+    s = sample_continuations(model, tok, ["- a b c\n-", "hello"], policy=policy, n=2, max_new_tokens=4)
+    assert s.flag_rate == pytest.approx(1.0) and all(len(ids) == 4 for per in s.token_ids for ids in per)
+    tok.padding_side = "right"
+    docs = ["hello hello world", "Paris is in France."]
+    drift = measure_drift_many(model, tok, docs, {"p": policy, "none": None}, max_tokens=16)
+    assert drift["none"].kl == 0.0 and drift["p"].kl > 0.0 and np.isfinite(drift["p"].ce)
