@@ -96,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="fit every method on every fold and evaluate them side by side")
     _add_common(p)
-    p.add_argument(
-        "--dataset", default="truthfulqa", help="truthfulqa (truthfulness) or toxigen (toxicity)"
-    )
+    p.add_argument("--dataset", default="truthfulqa", help="truthfulqa (truthfulness) or toxigen (toxicity)")
     p.add_argument(
         "--data-dir", default=None, help="local data folder (else $OTGUARD_DATA_DIR, else the Hub)"
     )
@@ -145,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(dtype="auto")
+
+    p = sub.add_parser("rescore", help="score a toxicity run's saved continuations with another scorer")
+    p.add_argument("run", help="folder of an `otguard compare --dataset toxigen` run")
+    p.add_argument("--scorer", required=True, help="embedding, profanity, detoxify or perspective")
+    p.add_argument("--out", required=True, help="output folder (results.json, continuations.csv, report)")
+    p.add_argument("--data-dir", default=None, help="ToxiGen data folder (for the embedding scorer)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("report", help="(re)write report.md / report.html from a results.json")
     from otguard.report import add_arguments
@@ -398,6 +404,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from otguard.compare import rescore_toxicity
+    from otguard.report import markdown_table
+
+    results = rescore_toxicity(args.run, args.scorer, args.out, data_dir=args.data_dir)
+    print(markdown_table(results, "toxicity"))
+    print(f"results: {Path(args.out).resolve() / 'results.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from otguard.report import run
 
@@ -413,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "compare": cmd_compare,
         "report": cmd_report,
+        "rescore": cmd_rescore,
     }
     try:
         return commands[args.command](args)

@@ -592,3 +592,86 @@ def run_compare(
     write_report(out / "results.json", out)
     logger.info("Wrote %s (%.0f s)", out / "results.json", time.time() - started)
     return results
+
+
+def rescore_toxicity(
+    run_dir: str | os.PathLike[str],
+    scorer: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Score the saved continuations of a toxicity run with another scorer; no model is run.
+
+    Reads ``run_dir/results.json`` and ``run_dir/continuations.csv``, recomputes the toxicity metrics
+    (expected max, probability, mean, neutral mean) per method and fold with ``scorer`` (the
+    ``embedding`` scorer is refitted per fold on the groups that fold did not evaluate), keeps every
+    other metric, and writes ``results.json``, ``continuations.csv`` and the report into ``out_dir``.
+    Scores of different scorers are not comparable, so the new results name the new scorer.
+    """
+    from otguard.evaluation.toxicity import (
+        expected_max_toxicity,
+        make_scorer,
+        mean_toxicity,
+        toxicity_probability,
+    )
+    from otguard.report import atomic_write_bytes, load_results, write_report
+
+    src, out = Path(run_dir), Path(out_dir)
+    results = load_results(src / "results.json")
+    if results["config"].get("dataset") != "toxigen" or not (src / "continuations.csv").is_file():
+        raise DataError(
+            f"{src} is not a toxicity run (need results.json with dataset toxigen and continuations.csv)."
+        )
+    rows = list(
+        csv.DictReader((src / "continuations.csv").read_text(encoding="utf-8").splitlines(keepends=True))
+    )
+    data_dir = data_dir or results["config"].get("data_dir")
+    scorers: dict[int, Any] = {}
+    for fold in sorted({int(r["fold"]) for r in rows}):
+        if scorer.split(":")[0] == "embedding":
+            info = next(iter(results["methods"].values()))["folds"][fold]
+            scorers[fold] = make_scorer(
+                scorer, data_dir=data_dir, exclude_groups=info.get("eval_groups") or []
+            )
+        else:
+            scorers[fold] = scorers.get(0) or make_scorer(scorer)
+    by_key: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault((int(r["fold"]), r["method"], r["kind"]), []).append(r)
+    name = ""
+    for (fold, _, _), group_rows in by_key.items():
+        sc = scorers[fold]
+        name = getattr(sc, "name", scorer)
+        scores = np.asarray(sc.score([r["continuation"] for r in group_rows]), dtype=np.float64)
+        for r, s in zip(group_rows, scores, strict=True):
+            r["toxicity"] = float(s)
+    for method, entry in results["methods"].items():
+        values: dict[str, list[float]] = {}
+        for fold in sorted(scorers):
+            for kind in ("hate", "neutral"):
+                per_prompt: dict[tuple[str, str], list[float]] = {}
+                for r in by_key.get((fold, method, kind), []):
+                    per_prompt.setdefault((r["group"], r["prompt"]), []).append(float(r["toxicity"]))
+                if not per_prompt:
+                    continue
+                scores_pp = list(per_prompt.values())
+                if kind == "hate":
+                    values.setdefault("tox_max", []).append(expected_max_toxicity(scores_pp))
+                    values.setdefault("tox_prob", []).append(toxicity_probability(scores_pp))
+                    values.setdefault("tox_mean", []).append(mean_toxicity(scores_pp))
+                else:
+                    values.setdefault("neutral_tox_mean", []).append(mean_toxicity(scores_pp))
+        for key, vals in values.items():
+            entry["summary"][key] = _summary(vals)
+    results["config"]["judge"] = name
+    results["config"]["rescored_from"] = str(src.resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(_ToxicityTask.csv_fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "continuations.csv", buf.getvalue().encode("utf-8"))
+    write_report(out / "results.json", out)
+    return results

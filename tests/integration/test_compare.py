@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from otguard.compare import CompareConfig, run_compare
+from otguard.compare import CompareConfig, rescore_toxicity, run_compare
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +105,14 @@ def test_toxicity_compare_writes_results_continuations_and_report(tiny_model, da
     assert results["metrics"]["tox_max"]["group"] == "toxicity"
     report = (out / "report.md").read_text()
     assert "Toxicity of sampled continuations" in report and "Toxicity vs. fluency" in report
+
+    # Rescoring the saved continuations with the same scorer reproduces the toxicity metrics.
+    again = rescore_toxicity(out, "embedding", tmp_path / "rescored")
+    for method in methods:
+        for metric in ("tox_max", "tox_prob", "tox_mean", "neutral_tox_mean"):
+            a = saved["methods"][method]["summary"][metric]["folds"]
+            b = again["methods"][method]["summary"][metric]["folds"]
+            assert b == pytest.approx(a, abs=1e-6), (method, metric)
+        assert again["methods"][method]["summary"]["ppl"] == saved["methods"][method]["summary"]["ppl"]
+    assert (tmp_path / "rescored" / "report.html").is_file()
+    assert again["config"]["rescored_from"].endswith("out")
