@@ -570,10 +570,23 @@ def plot_tradeoff(
     colors = _method_colors(results)
     fig = _new_figure(6.4, 4.8)
     ax = fig.subplots()
-    seen: dict[tuple[float, float], int] = {}  # methods at the same point get stacked labels
+    kx = 100.0 if mx.unit == "%" else 1.0
+    ky = 100.0 if my.unit == "%" else 1.0
+    xs = [kx * sx.mean for _, sx, _ in points]
+    ys = [ky * sy.mean for _, _, sy in points]
+    # One method far off (a broken model's perplexity in the thousands) would squash the others into
+    # one spot: a log x axis keeps them apart.
+    log_x = min(xs) > 0 and max(xs) / min(xs) > 20
+    if log_x:
+        ax.set_xscale("log")
+
+    def _norm(v: float, lo: float, hi: float, log: bool) -> float:
+        if log:
+            v, lo, hi = math.log(v), math.log(lo), math.log(hi)
+        return (v - lo) / (hi - lo) if hi > lo else 0.0
+
+    placed: list[tuple[float, float]] = []  # labels of points within 4 % of the axes get stacked
     for method, sx, sy in points:
-        kx = 100.0 if mx.unit == "%" else 1.0
-        ky = 100.0 if my.unit == "%" else 1.0
         xerr = kx * sx.std if sx.n > 1 and sx.std is not None else None
         yerr = ky * sy.std if sy.n > 1 and sy.std is not None else None
         ax.errorbar(
@@ -587,9 +600,9 @@ def plot_tradeoff(
             capsize=3,
             lw=1.2,
         )
-        key = (round(kx * sx.mean, 1), round(ky * sy.mean, 1))  # near-coincident in plotted units
-        stack = seen.get(key, 0)
-        seen[key] = stack + 1
+        here = (_norm(kx * sx.mean, min(xs), max(xs), log_x), _norm(ky * sy.mean, min(ys), max(ys), False))
+        stack = sum(1 for p in placed if abs(p[0] - here[0]) < 0.04 and abs(p[1] - here[1]) < 0.04)
+        placed.append(here)
         ax.annotate(
             method,
             (kx * sx.mean, ky * sy.mean),
