@@ -543,6 +543,11 @@ def _tradeoff_metrics(results: dict[str, Any], x: str, y: str) -> tuple[str, str
     return x, y
 
 
+def _wants_log_axis(values: Sequence[float], spread: float = 20.0) -> bool:
+    """A log axis when all values are positive and the largest is over ``spread`` times the smallest."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > spread
+
+
 def plot_tradeoff(
     results: dict[str, Any], path: str | os.PathLike[str], x: str = "kl", y: str = "true_x_info_product"
 ) -> Path | None:
@@ -576,7 +581,7 @@ def plot_tradeoff(
     ys = [ky * sy.mean for _, _, sy in points]
     # One method far off (a broken model's perplexity in the thousands) would squash the others into
     # one spot: a log x axis keeps them apart.
-    log_x = min(xs) > 0 and max(xs) / min(xs) > 20
+    log_x = _wants_log_axis(xs)
     if log_x:
         ax.set_xscale("log")
 

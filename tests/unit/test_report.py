@@ -370,3 +370,12 @@ def test_cli(tmp_path: Path, results: dict[str, Any], capsys: pytest.CaptureFixt
     assert main([str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("otguard: error: ") and "not valid JSON" in err
+
+
+def test_log_axis_only_for_positive_values_spread_over_20x() -> None:
+    from otguard.report import _wants_log_axis
+
+    assert _wants_log_axis([20.8, 26.5, 3665.6])  # a broken model's perplexity next to sane ones
+    assert not _wants_log_axis([20.8, 26.5, 33.0])
+    assert not _wants_log_axis([0.0, 0.1, 7.1])  # KL of the unsteered model is 0: no log axis
+    assert not _wants_log_axis([])
