@@ -102,6 +102,11 @@ def decode(
         raise ValueError(f"num_samples must be >= 1; got {num_samples}.")
     if num_samples > 1 and not do_sample:
         raise ValueError("num_samples > 1 needs do_sample=True (greedy samples would be identical).")
+    if not accepts_argument(model, "position_ids"):
+        raise TypeError(
+            f"{type(model).__name__}.forward takes no position_ids, which the evaluation decoder needs to "
+            "see through left padding; use model.generate for this model (generate_answers(evict=False))."
+        )
     device = input_ids.device
     eos = {int(e) for e in (eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)}
     past = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -88,3 +88,13 @@ def test_finished_detects_stop_strings_split_across_tokens() -> None:
     hello = tok("hello", add_special_tokens=False)["input_ids"]
     assert finished(tok, hello, (), {hello[-1]})
     assert not finished(tok, hello, (), set())
+
+
+def test_decode_refuses_models_without_position_ids() -> None:
+    class NoPositions(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="position_ids"):
+        decode(NoPositions(), None, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2), max_new_tokens=1,
+               eos_token_ids=[])  # fmt: skip
