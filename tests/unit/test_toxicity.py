@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 import socket
 import sys
-import threading
 import types
 import zlib
-from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +37,7 @@ from otguard.evaluation.toxicity import (
     summarize_toxicity,
     toxicity_probability,
 )
+from tests.scripted_server import Reply, ScriptedServer, clear_proxies
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -334,7 +332,6 @@ def test_embedding_scorer_minilm_on_toxigen(data_dir):
 # PerspectiveScorer against a local scripted server
 # --------------------------------------------------------------------------------------------------
 
-Reply = tuple[int, dict[str, str], Any]
 KEY = "sekret-key-123"
 
 
@@ -347,58 +344,10 @@ def _ok(values: dict[str, float]) -> Reply:
     return 200, {}, body
 
 
-class ScriptedServer:
-    """HTTP server on 127.0.0.1 (ephemeral port) answering POSTs from a script; at most 30 requests."""
-
-    MAX_REQUESTS = 30
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[Reply | Callable[[dict[str, Any]], Reply]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server API
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"null")
-                server.requests.append({"path": self.path, "json": body})
-                if len(server.requests) > server.MAX_REQUESTS or not server.script:
-                    reply: Reply = (418, {}, {"error": "script exhausted"})
-                else:
-                    step = server.script.pop(0)
-                    reply = step(body) if callable(step) else step
-                status, headers, payload = reply
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1alpha1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.daemon = True
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    srv = ScriptedServer()
+    clear_proxies(monkeypatch)
+    srv = ScriptedServer(max_requests=30, path="/v1alpha1")
     yield srv
     srv.close()
 
