@@ -17,6 +17,7 @@ forward takes no ``position_ids`` are not supported here; callers fall back to `
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,34 @@ def accepts_argument(model: Any, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def fork_cache(cache: Any, n: int) -> Any:
+    """A copy of ``cache`` whose batch is ``n`` times its (single) row; the original stays valid.
+
+    Dynamic layers grow by concatenation (never in place), so sharing the cached tensors (expanded
+    as views) is enough; any other layer type gets a deep copy. Used to run many rows on top of one
+    shared prefix (the TruthfulQA instruction + primer) without copying it per batch.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    shareable = not getattr(cache, "offloading", False) and all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers
+    )
+    if not shareable:
+        new = copy.deepcopy(cache)
+        if n > 1:
+            new.batch_repeat_interleave(n)
+        return new
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if twin.is_initialized and n > 1:
+            twin.keys = twin.keys.expand(n, *twin.keys.shape[1:])
+            twin.values = twin.values.expand(n, *twin.values.shape[1:])
+        new.layers.append(twin)
+    return new
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -12,6 +12,8 @@ import torch
 
 from otguard.decoding import decode, finished
 from otguard.evaluation.truthfulqa_gen import generate_answers
+from otguard.generation import generate_texts
+from otguard.prompts import postprocess_answer, qa_prompt
 from otguard.sites import find_head_sites
 from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, llama2_style, tiny_model
 
@@ -58,6 +60,10 @@ def test_row_dropping_decoder_equals_generate(kind: str, with_policy: bool) -> N
         fast = generate_answers(model, tok, QUESTIONS, evict=True, **kw)
         ref = generate_answers(model, tok, QUESTIONS, evict=False, **kw)
         assert fast == ref
+    # ... and both equal plain generation of each full prompt (no shared prefix cache at all)
+    prompts = [qa_prompt(q) for q in QUESTIONS]
+    uncached = generate_texts(model, tok, prompts, policy=policy, max_new_tokens=12, batch_size=8)
+    assert fast[0] == [postprocess_answer(texts[0]) for texts in uncached]
     lengths = {len(tok(r, add_special_tokens=False)["input_ids"]) for r in fast[1]}
     assert len(lengths) > 1  # rows really finished at different steps
     if with_policy:  # the policy changes the answers, so the equality above covers the edit path

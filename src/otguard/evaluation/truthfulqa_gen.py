@@ -18,7 +18,6 @@ so the last prompt token and every generated token are edited, as in the papers.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from otguard.decoding import accepts_argument, decode
+from otguard.decoding import accepts_argument, decode, fork_cache
 from otguard.prompts import postprocess_answer, qa_prefix
 
 logger = logging.getLogger(__name__)
@@ -105,32 +104,27 @@ def generate_answers(
                 n = len(suffix_ids[i])
                 ids[row, P + Q - n :] = torch.tensor(suffix_ids[i], device=device)
                 mask[row, P + Q - n :] = 1
-            cache = copy.deepcopy(prefix_cache)
-            if B > 1:
-                cache.batch_repeat_interleave(B)
+            cache = fork_cache(prefix_cache, B)
             if evict:
                 if handle is not None:
                     handle.reset()
-                new_tokens = decode(model, tokenizer, ids, mask, cache, max_new_tokens=max_new_tokens,
-                                    stop_strings=("Q:",))  # fmt: skip
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for row, i in enumerate(idx):
-                    raw[i] = texts[row]
-                continue
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                past_key_values=cache,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_p=None,
-                top_k=None,
-                temperature=None,
-                pad_token_id=pad,
-                stop_strings=["Q:"],
-                tokenizer=tokenizer,
-            )
-            texts = tokenizer.batch_decode(out[:, P + Q :], skip_special_tokens=True)
+                new_tokens: Any = decode(model, tokenizer, ids, mask, cache, max_new_tokens=max_new_tokens,
+                                         stop_strings=("Q:",))  # fmt: skip
+            else:
+                new_tokens = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    top_p=None,
+                    top_k=None,
+                    temperature=None,
+                    pad_token_id=pad,
+                    stop_strings=["Q:"],
+                    tokenizer=tokenizer,
+                )[:, P + Q :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, i in enumerate(idx):
                 raw[i] = texts[row]
     finally:

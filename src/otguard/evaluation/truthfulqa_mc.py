@@ -22,7 +22,6 @@ those of one full forward per answer up to floating-point rounding (log-softmax 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Iterable, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from otguard.decoding import fork_cache
 from otguard.errors import DataError
 from otguard.prompts import qa_prefix, qa_prompt
 
@@ -239,33 +239,6 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------ KV caches
-def _fork_cache(cache: Any, n: int) -> Any:
-    """A copy of ``cache`` whose batch is ``n`` times its (single) row; the original stays valid.
-
-    Dynamic layers grow by concatenation (never in place), so sharing the cached tensors (expanded
-    as views) is enough; any other layer type gets a deep copy.
-    """
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    shareable = not getattr(cache, "offloading", False) and all(
-        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers
-    )
-    if not shareable:
-        new = copy.deepcopy(cache)
-        if n > 1:
-            new.batch_repeat_interleave(n)
-        return new
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        twin = copy.copy(layer)
-        if twin.is_initialized and n > 1:
-            twin.keys = twin.keys.expand(n, *twin.keys.shape[1:])
-            twin.values = twin.values.expand(n, *twin.values.shape[1:])
-        new.layers.append(twin)
-    return new
-
-
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
@@ -336,7 +309,7 @@ class _Runner:
         out = self.model(
             input_ids=x,
             attention_mask=mask[None, None].to(self.device),
-            past_key_values=_fork_cache(cache, 1),
+            past_key_values=fork_cache(cache, 1),
             use_cache=True,
             **kwargs,
         )
@@ -358,7 +331,7 @@ class _Runner:
         if self.pos_ids:
             kwargs["position_ids"] = torch.arange(past, past + L, device=self.device).expand(B, L)
         out = self.model(
-            input_ids=x, attention_mask=mask, past_key_values=_fork_cache(cache, B), use_cache=True, **kwargs
+            input_ids=x, attention_mask=mask, past_key_values=fork_cache(cache, B), use_cache=True, **kwargs
         )
         return out.logits
 
@@ -484,7 +457,7 @@ def score_mc(
             if cached < 1:
                 raise DataError(f"Question {i}: the answers' tokenizations share no token; cannot score.")
             if shared and len(shared) < cached and first[: len(shared)] == shared:
-                cache, past = _fork_cache(shared_cache, 1), len(shared)
+                cache, past = fork_cache(shared_cache, 1), len(shared)
             else:
                 cache, past = _new_cache(model), 0
                 fallbacks += bool(shared)
