@@ -437,15 +437,9 @@ class _ToxicityTask(_Task):
         return scores.reshape(len(samples.texts), -1)
 
     def evaluate(self, name: str, policy: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        from otguard.evaluation.toxicity import (
-            distinct_n,
-            expected_max_toxicity,
-            mean_toxicity,
-            toxicity_probability,
-        )
+        from otguard.evaluation.toxicity import distinct_n, mean_perplexity
         from otguard.evaluation.toxicity_gen import continuation_perplexity
 
-        cfg = self.config
         with self.timer("sampling"):
             toxic = self._sample(self.prompts, policy)
             neutral = self._sample(self.neutral, policy) if self.neutral else None
@@ -453,21 +447,15 @@ class _ToxicityTask(_Task):
             tox_scores = self._score(toxic)
             neutral_scores = self._score(neutral) if neutral is not None else None
         with self.timer("fluency"):
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            ppl = continuation_perplexity(self.fluency, toxic.prompt_ids, toxic.token_ids, pad_id=pad,
-                                          batch_size=max(1, cfg.batch_size // cfg.samples))  # fmt: skip
-        kept = ppl[np.isfinite(ppl) & (ppl < 1e4)]
-        metrics: dict[str, float] = {
-            "tox_max": expected_max_toxicity(tox_scores),
-            "tox_prob": toxicity_probability(tox_scores),
-            "tox_mean": mean_toxicity(tox_scores),
-            "ppl": float(kept.mean()) if kept.size else float("nan"),
+            ppl = continuation_perplexity(self.fluency, toxic.prompt_ids, toxic.token_ids,
+                                          batch_size=self._prompt_batch)  # fmt: skip
+        metrics = _toxicity_metrics(tox_scores, neutral_scores)
+        metrics.update({
+            "ppl": mean_perplexity(ppl)[0],
             "dist1": distinct_n(toxic.texts, 1),
             "dist2": distinct_n(toxic.texts, 2),
             "dist3": distinct_n(toxic.texts, 3),
-        }
-        if neutral_scores is not None:
-            metrics["neutral_tox_mean"] = mean_toxicity(neutral_scores)
+        })  # fmt: skip
         if toxic.flag_rate is not None:
             metrics["flag_toxic"] = toxic.flag_rate
             if neutral is not None and neutral.flag_rate is not None:
@@ -486,6 +474,22 @@ class _ToxicityTask(_Task):
                                  "prompt": p.text, "sample": j, "continuation": text,
                                  "toxicity": float(score)})  # fmt: skip
         return metrics, rows
+
+
+def _toxicity_metrics(
+    hate: Sequence[Sequence[float]], neutral: Sequence[Sequence[float]] | None
+) -> dict[str, float]:
+    """Toxicity metrics from per-prompt scores of the toxic prompts' and the neutral prompts' samples."""
+    from otguard.evaluation.toxicity import expected_max_toxicity, mean_toxicity, toxicity_probability
+
+    out = {
+        "tox_max": expected_max_toxicity(hate),
+        "tox_prob": toxicity_probability(hate),
+        "tox_mean": mean_toxicity(hate),
+    }
+    if neutral is not None:
+        out["neutral_tox_mean"] = mean_toxicity(neutral)
+    return out
 
 
 class _Timer:
@@ -619,10 +623,7 @@ def rescore_toxicity(
     Scores of different scorers are not comparable, so the new results name the new scorer.
     """
     from otguard.evaluation.toxicity import (
-        expected_max_toxicity,
         make_scorer,
-        mean_toxicity,
-        toxicity_probability,
     )
     from otguard.report import atomic_write_bytes, load_results, write_report
 
@@ -658,19 +659,16 @@ def rescore_toxicity(
     for method, entry in results["methods"].items():
         values: dict[str, list[float]] = {}
         for fold in sorted(scorers):
+            per_kind: dict[str, list[list[float]]] = {}
             for kind in ("hate", "neutral"):
                 per_prompt: dict[tuple[str, str], list[float]] = {}
                 for r in by_key.get((fold, method, kind), []):
                     per_prompt.setdefault((r["group"], r["prompt"]), []).append(float(r["toxicity"]))
-                if not per_prompt:
-                    continue
-                scores_pp = list(per_prompt.values())
-                if kind == "hate":
-                    values.setdefault("tox_max", []).append(expected_max_toxicity(scores_pp))
-                    values.setdefault("tox_prob", []).append(toxicity_probability(scores_pp))
-                    values.setdefault("tox_mean", []).append(mean_toxicity(scores_pp))
-                else:
-                    values.setdefault("neutral_tox_mean", []).append(mean_toxicity(scores_pp))
+                if per_prompt:
+                    per_kind[kind] = list(per_prompt.values())
+            if "hate" in per_kind:
+                for key, value in _toxicity_metrics(per_kind["hate"], per_kind.get("neutral")).items():
+                    values.setdefault(key, []).append(value)
         for key, vals in values.items():
             entry["summary"][key] = _summary(vals)
     results["config"]["judge"] = name

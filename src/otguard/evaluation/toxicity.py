@@ -57,6 +57,7 @@ __all__ = [
     "conditional_perplexity",
     "continuation_nll",
     "distinct_n",
+    "mean_perplexity",
     "expected_max_toxicity",
     "make_scorer",
     "mean_toxicity",
@@ -650,6 +651,14 @@ def continuation_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
     return torch.where(count > 0, out, torch.full_like(out, float("nan")))
 
 
+def mean_perplexity(ppl: np.ndarray, drop_at: float = PPL_DROP_THRESHOLD) -> tuple[float, int]:
+    """The protocol's mean perplexity (NaN and values ``>= drop_at`` left out) and how many were dropped."""
+    ppl = np.asarray(ppl, dtype=np.float64)
+    finite = ppl[np.isfinite(ppl)]
+    kept = finite[finite < drop_at]
+    return (float(kept.mean()) if kept.size else float("nan")), int((finite >= drop_at).sum())
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     """Conditional perplexity per continuation and the protocol's mean (values >= ``drop_at`` left out)."""
@@ -713,11 +722,10 @@ def conditional_perplexity(
         nll = continuation_nll(logits.float().cpu(), ids, mask)
         ppl[idx] = torch.exp(nll).numpy()
     ppl[~np.isfinite(ppl)] = np.nan
-    kept = ppl[~np.isnan(ppl) & (ppl < drop_at)]
-    n_dropped = int((~np.isnan(ppl) & (ppl >= drop_at)).sum())
+    mean, n_dropped = mean_perplexity(ppl, drop_at)
     if n_dropped:
         warnings.warn(
             f"{n_dropped} perplexities >= {drop_at:g} left out of the mean.", RuntimeWarning, stacklevel=2
         )
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return PerplexityResult(name, ppl, float(kept.mean()) if kept.size else float("nan"), n_dropped, drop_at)
+    return PerplexityResult(name, ppl, mean, n_dropped, drop_at)

@@ -128,8 +128,12 @@ class Samples:
     texts: list[list[str]]
     token_ids: list[list[list[int]]]
     prompt_ids: list[list[int]]
-    flag_rate: float | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # the policy handle's, empty without a policy
+
+    @property
+    def flag_rate(self) -> float | None:
+        """Share of edited-scope positions the policy's detector flagged (None without a policy)."""
+        return self.stats.get("flag_rate") if self.stats else None
 
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -204,7 +208,7 @@ def sample_continuations(
     finally:
         if handle is not None:
             handle.remove()
-    return Samples(texts, tokens, ids, stats.get("flag_rate") if stats else None, stats)
+    return Samples(texts, tokens, ids, stats)
 
 
 @torch.no_grad()
