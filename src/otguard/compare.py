@@ -171,8 +171,9 @@ def _judge_metrics(prefix: str, result: Any) -> dict[str, float]:
     return out
 
 
-def _fit_policies(model: Any, tokenizer: Any, config: CompareConfig, acts: Any, split: Any,
-                  stage3: Any, progress: bool) -> dict[str, Any]:  # fmt: skip
+def _fit_policies(
+    config: CompareConfig, acts: Any, split: Any, stage3: Any, progress: bool
+) -> dict[str, Any]:
     """Fit every method of ``config`` on one fold; ``stage3(policy)`` tunes SLIM's κ (or returns it)."""
     from otguard.methods import get_method
 
@@ -363,6 +364,7 @@ class _ToxicityTask(_Task):
             )
             self.other_prompts = [self.other_prompts[i] for i in pick]
         self.judge_name = config.scorer
+        self.scorer: Any = None
         self.fluency = model
         if config.fluency_model:
             from otguard.models import load_model
@@ -394,7 +396,7 @@ class _ToxicityTask(_Task):
         with self.timer("scorer"):
             if cfg.scorer.split(":")[0] == "embedding":  # trained on the groups not evaluated in this fold
                 self.scorer = make_scorer(cfg.scorer, data_dir=cfg.data_dir, exclude_groups=test_groups)
-            elif not hasattr(self, "scorer"):
+            elif self.scorer is None:  # the other scorers do not depend on the fold
                 self.scorer = make_scorer(cfg.scorer)
         self.judge_name = getattr(self.scorer, "name", cfg.scorer)
         self.fold_meta = {
@@ -554,7 +556,7 @@ def run_compare(
                             seed=config.split_seed)  # fmt: skip
         task.start_fold(fold, split)
         with timer("fit"):
-            policies = _fit_policies(model, tokenizer, config, acts, split, task.stage3, progress)
+            policies = _fit_policies(config, acts, split, task.stage3, progress)
         active = {name: (p if p.layers else None) for name, p in policies.items()}
         fold_docs = docs[fold :: config.folds]
         drift = {}
