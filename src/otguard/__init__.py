@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-__version__ = "0.1.0"
+from otguard.io import package_version
+
+__version__ = package_version()
 
 from otguard import data  # noqa: E402
 from otguard.activations import ActivationSet, collect  # noqa: E402
@@ -31,6 +33,7 @@ from otguard.errors import (  # noqa: E402
 )
 from otguard.methods import METHODS, get_method  # noqa: E402
 from otguard.models import load_model  # noqa: E402
+from otguard.hook import attached  # noqa: E402
 from otguard.policy import LayerEdit, Policy, PolicyHandle  # noqa: E402
 from otguard.sites import find_head_sites, model_identity, register_site, supported_model_types  # noqa: E402
 from otguard.transport import ChanceLevel, Margin  # noqa: E402
@@ -79,6 +82,7 @@ __all__ = [
     "SolverError",
     "UnsupportedArchitectureError",
     "__version__",
+    "attached",
     "collect",
     "data",
     "find_head_sites",

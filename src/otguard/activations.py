@@ -19,8 +19,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from otguard.errors import DataError
+from otguard.io import atomic_dir, package_version
 from otguard.models import cache_dir as default_cache_dir
 from otguard.sites import ModelIdentity, find_head_sites, model_identity
 
@@ -86,7 +85,7 @@ class ActivationSet:
         """Write ``activations.safetensors`` + ``meta.json`` into ``directory`` atomically."""
         target = Path(directory)
         tensors = {"acts": self.acts.contiguous(), "labels": self.labels, "groups": self.groups}
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target, kind="activations") as tmp:
             save_file(tensors, str(tmp / "activations.safetensors"))
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
         return target
@@ -103,35 +102,6 @@ class ActivationSet:
         tensors = load_file(str(tensor_file))
         meta = json.loads(meta_file.read_text())
         return cls(tensors["acts"], tensors["labels"], tensors["groups"], meta)
-
-
-class _atomic_dir:
-    """Context manager: yields a temp folder next to ``target`` and renames it on success."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-
-
-def atomic_dir(target: str | os.PathLike[str]) -> _atomic_dir:
-    """Write a folder atomically: ``with atomic_dir(path) as tmp: ...write into tmp...``."""
-    return _atomic_dir(Path(target))
 
 
 def _as_dataset(data: Any) -> tuple[list[str], np.ndarray, np.ndarray, str, str]:
@@ -247,19 +217,13 @@ def collect(
         "dtype": dtype,
         "max_length": max_length,
         "cache_key": key,
-        "otguard_version": _version(),
+        "otguard_version": package_version(),
     }
     result = ActivationSet(acts, torch.from_numpy(labels.copy()), torch.from_numpy(groups.copy()), meta)
     if cache_path is not None:
         result.save(cache_path)
         logger.info("Cached activations at %s", cache_path)
     return result
-
-
-def _version() -> str:
-    from otguard import __version__
-
-    return __version__
 
 
 def _run(

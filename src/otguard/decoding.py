@@ -18,11 +18,14 @@ forward takes no ``position_ids`` are not supported here; callers fall back to `
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+CACHE_NAMES = ("cache", "past_key_values")  # the KV cache argument: current name, then the pre-5.2x one
 
 
 def accepts_argument(model: Any, name: str) -> bool:
@@ -31,6 +34,63 @@ def accepts_argument(model: Any, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword under which ``model`` (forward and ``generate``) takes the KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name still works but
+    warns that it is deprecated); otguard supports both sides of the rename, so its own calls ask
+    here. Read from the class's ``forward`` signature, once per class.
+    """
+    return _cache_kwarg_of(type(model))
+
+
+def cache_arg_index(model: Any) -> int | None:
+    """Position of the cache argument in ``model.forward(...)`` (without ``self``), if it has one."""
+    return _cache_index_of(type(model))
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward call returned (``output.cache``, or ``past_key_values`` before the rename)."""
+    if "cache" in getattr(type(output), "__dataclass_fields__", {}):
+        return output.cache
+    return output.past_key_values
+
+
+def _forward_parameters(cls: type) -> list[str]:
+    try:
+        params = list(inspect.signature(cls.forward).parameters)  # follows the deprecation wrappers
+    except (AttributeError, TypeError, ValueError):
+        return []
+    return params[1:] if params and params[0] == "self" else params
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    params = _forward_parameters(cls)
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    return _library_cache_name()
+
+
+@functools.cache
+def _cache_index_of(cls: type) -> int | None:
+    params = _forward_parameters(cls)
+    for name in CACHE_NAMES:
+        if name in params:
+            return params.index(name)
+    return None
+
+
+@functools.cache
+def _library_cache_name() -> str:
+    """The name the installed transformers' own generation loop uses (for forwards taking ``**kwargs``)."""
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def fork_cache(cache: Any, n: int) -> Any:
@@ -108,7 +168,7 @@ def decode(
     tokenizer: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    past_key_values: Any = None,
+    cache: Any = None,
     *,
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
@@ -120,8 +180,8 @@ def decode(
 ) -> list[list[int]]:
     """Continue a left-padded batch; returns the new token ids of each output row.
 
-    ``input_ids``/``attention_mask``: ``(B, L)`` full sequences, the first ``past_key_values`` length
-    of which are already in the cache (which must hold ``B`` rows; it is consumed). Greedy by default;
+    ``input_ids``/``attention_mask``: ``(B, L)`` full sequences, the first ``cache`` length of which
+    are already in the KV cache (which must hold ``B`` rows; it is consumed). Greedy by default;
     ``do_sample=True`` draws ``num_samples`` continuations per row with nucleus sampling (output rows
     ``b*num_samples + s``). A row ends with an EOS token, with a stop string, or at
     ``max_new_tokens``; its ids include the token that ended it. One host read of the next tokens
@@ -138,12 +198,13 @@ def decode(
         )
     device = input_ids.device
     eos = {int(e) for e in (eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)}
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}
-    out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, past_key_values=past_key_values,
+    cache_name = cache_kwarg(model)
+    out = model(input_ids=input_ids[:, past:], attention_mask=attention_mask, **{cache_name: cache},
                 position_ids=positions[:, past:], use_cache=True, **kwargs)  # fmt: skip
-    cache, mask, logits = out.past_key_values, attention_mask, out.logits[:, -1]
+    cache, mask, logits = output_cache(out), attention_mask, out.logits[:, -1]
     next_pos = positions[:, -1] + 1
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
@@ -167,8 +228,8 @@ def decode(
             mask, next_pos, nxt = mask[sel], next_pos[sel], nxt[sel]
             alive = [alive[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=cache,
+        out = model(input_ids=nxt[:, None], attention_mask=mask, **{cache_name: cache},
                     position_ids=next_pos[:, None], use_cache=True)  # fmt: skip
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         next_pos = next_pos + 1
     return tokens

@@ -36,6 +36,14 @@ class PolicyMismatchError(PolicyError):
     """A policy is attached to (or loaded for) a model it was not fitted on."""
 
 
+class OutputDirError(OtguardError, ValueError):
+    """An output path cannot be used (a non-empty folder of something else, a file, no permission)."""
+
+
+class ResultsError(OtguardError, ValueError):
+    """A ``results.json`` file is malformed or of an unknown format version."""
+
+
 class NotFittedError(OtguardError, RuntimeError):
     """An estimator was used before ``fit``."""
 

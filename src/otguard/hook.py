@@ -10,6 +10,8 @@ loop over heads or tokens, no host sync and no tensor built per call.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,6 +130,25 @@ class PolicyHandle:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+@contextmanager
+def attached(
+    policy: Policy | None, model: Any, *, scope: str | None = None, kappa: float | None = None
+) -> Iterator[PolicyHandle | None]:
+    """``policy.attach(model, ...)`` as a ``with`` block, or nothing at all when ``policy`` is None.
+
+    The one idiom for code that runs with an optional policy (the ``none`` baseline is a policy of
+    None): ``with attached(policy, model, scope="answer") as handle:`` yields the handle, or None.
+    """
+    if policy is None:
+        yield None
+        return
+    handle = policy.attach(model, scope=scope, kappa=kappa)  # type: ignore[arg-type]
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -26,9 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from otguard.activations import atomic_dir
 from otguard.errors import PolicyError
 from otguard.hook import PolicyHandle
+from otguard.io import atomic_dir, package_version
 from otguard.sites import ModelIdentity, find_head_sites, model_identity
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Policy:
         """Write ``policy.json`` + ``tensors.safetensors`` into ``directory`` (atomically)."""
         spec = {
             "format_version": FORMAT_VERSION,
-            "otguard_version": _version(),
+            "otguard_version": package_version(),
             "method": self.method,
             "rule": self.rule,
             "kappa": self.kappa,
@@ -118,7 +118,7 @@ class Policy:
         tensors: dict[str, torch.Tensor] = {}
         for edit in self.layers:
             tensors.update(edit.tensors())
-        with atomic_dir(Path(directory)) as tmp:
+        with atomic_dir(Path(directory), kind="policy") as tmp:
             save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "otguard-policy"})
             text = json.dumps(spec, indent=2, sort_keys=True, default=_json_default)
             (tmp / "policy.json").write_text(text)
@@ -155,7 +155,7 @@ class Policy:
         version = spec.get("format_version")
         if version != FORMAT_VERSION:
             raise PolicyError(
-                f"{spec_file} has format_version {version!r}; this otguard ({_version()}) reads version "
+                f"{spec_file} has format_version {version!r}; this otguard ({package_version()}) reads version "
                 f"{FORMAT_VERSION}. Refit the policy or install the otguard version that wrote it "
                 f"({spec.get('otguard_version', 'unknown')})."
             )
@@ -230,12 +230,6 @@ class Policy:
             f"{e.layer} (tau={e.threshold}, heads={int(e.head_mask.sum())})" for e in self.layers
         )
         return f"{self.method} policy ({self.rule}) for {self.model.name_or_path}: layers {layers}"
-
-
-def _version() -> str:
-    from otguard import __version__
-
-    return __version__
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,530 @@
+"""The ``results.json`` contract: what a comparison run writes and what the report reads.
+
+The harness builds a :class:`RunResults` and writes it (:meth:`RunResults.write`); the report and
+rescoring read it back (:meth:`RunResults.from_json`). Both sides go through these types, so a key is
+spelled in one place and a malformed file fails on load with one line naming every problem
+(:class:`~otguard.errors.ResultsError`), not with a ``KeyError`` half way through a report.
+
+Layout (``format_version`` 2)::
+
+    {"format_version": 2, "task": "truthfulqa",
+     "config": {...the run's configuration, incl. "methods": [ids in run order]...},
+     "started": "2026-01-01T12:00:00", "seconds": 1234.5,
+     "timings": {"collect": 12.0, ...}, "versions": {"otguard": "0.1.0", ...},
+     "metrics": {"mc1": {"label": "MC1", "higher_is_better": true, "group": "mc", "unit": "%"}, ...},
+     "methods": {"slim": {"summary": {"mc1": {"mean": 0.3, "std": 0.01, "folds": [0.29, 0.31]}},
+                          "folds": [{"fold": 0, "seconds": 8.1, "policy": {...}, "detector": {...},
+                                     ...task facts of the fold, e.g. "test_questions": 20}]}}}
+
+Format version 1 (files written before this module; no ``format_version`` key) kept ``started``,
+``seconds``, ``timings`` and ``versions`` inside ``config`` and had no ``task``; it loads unchanged
+otherwise. ``std`` is the *population* standard deviation (``ddof=0``) over the finite per-fold
+values, as the harness has always written it (0 with fewer than two finite values).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from otguard.errors import DataFileNotFoundError, ResultsError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "STD_DDOF",
+    "DetectorRecord",
+    "FoldRecord",
+    "MethodResult",
+    "MetricSpec",
+    "MetricSummary",
+    "RunResults",
+]
+
+#: Version of the layout :meth:`RunResults.to_dict` writes; :meth:`RunResults.from_dict` reads 1 and 2.
+FORMAT_VERSION = 2
+#: Delta degrees of freedom of ``MetricSummary.std`` (0: population std, numpy's default).
+STD_DDOF = 0
+# Run facts that format 1 kept inside "config" and format 2 keeps at the top level.
+_RUN_KEYS = ("started", "seconds", "timings", "versions")
+# Task of a format-1 file, from its config.dataset.
+_V1_TASKS = {"truthfulqa": "truthfulqa", "truthfulqa-mc2": "truthfulqa", "toxigen": "toxicity"}
+_FOLD_KEYS = ("fold", "seconds", "fit_seconds", "policy", "detector")
+_MAX_SHOWN = 12
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or _is_number(value)
+
+
+def _clean(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The types
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricSpec:
+    """How a metric is shown: label, direction (None: neither is better), table group and unit.
+
+    ``unit`` None leaves the choice to the report ("%" for fraction groups, "nats" for CE/KL).
+    """
+
+    label: str
+    higher_is_better: bool | None = None
+    group: str = "other"
+    unit: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "higher_is_better": self.higher_is_better,
+                               "group": self.group}  # fmt: skip
+        if self.unit is not None:
+            out["unit"] = self.unit
+        return out
+
+    @classmethod
+    def from_dict(cls, metric_id: str, data: Mapping[str, Any]) -> MetricSpec:
+        unit = data.get("unit")
+        return cls(
+            label=str(data.get("label") or metric_id),
+            higher_is_better=data.get("higher_is_better"),
+            group=str(data.get("group") or "other"),
+            unit=None if unit is None else str(unit),
+        )
+
+
+@dataclass
+class MetricSummary:
+    """One method's metric over the folds: mean, population std and the per-fold values.
+
+    Non-finite values are stored as None. ``folds`` None means the file did not record per-fold values
+    (then the fold count is the configuration's).
+    """
+
+    mean: float | None
+    std: float | None = 0.0
+    folds: list[float | None] | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> MetricSummary:
+        """Summary of per-fold values: mean and population std over the finite ones (NaN folds kept as None)."""
+        vals = [float(v) for v in values]
+        finite = [v for v in vals if math.isfinite(v)]
+        mean = float(np.mean(finite)) if finite else float("nan")
+        std = float(np.std(finite, ddof=STD_DDOF)) if len(finite) > 1 else 0.0
+        return cls(_clean(mean), _clean(std), [_clean(v) for v in vals])
+
+    @property
+    def std_population(self) -> float | None:
+        """Alias of ``std`` that names which standard deviation it is."""
+        return self.std
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mean": self.mean, "std": self.std}
+        if self.folds is not None:
+            out["folds"] = list(self.folds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MetricSummary:
+        folds = data.get("folds")
+        return cls(
+            mean=None if data["mean"] is None else float(data["mean"]),
+            std=None if data.get("std") is None else float(data["std"]),
+            folds=None if folds is None else [None if v is None else float(v) for v in folds],
+        )
+
+
+@dataclass
+class DetectorRecord:
+    """A gated method's detector on one fold: the chosen layer(s) and validation rates per layer.
+
+    ``per_layer`` always has ``fpr`` and ``fnr`` (one value per layer, None where undefined); the harness
+    also records ``accuracy``, ``f1`` and ``threshold`` when the detector has them.
+    """
+
+    per_layer: dict[str, list[float | None]]
+    layer: int | list[int] | None = None
+
+    @property
+    def chosen_layers(self) -> list[int]:
+        if self.layer is None:
+            return []
+        return [int(v) for v in (self.layer if isinstance(self.layer, list) else [self.layer])]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": copy.copy(self.layer), "per_layer": {k: list(v) for k, v in self.per_layer.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorRecord:
+        layer = data.get("layer")
+        per_layer = {
+            str(k): [None if x is None else float(x) for x in v] if isinstance(v, list) else copy.deepcopy(v)
+            for k, v in data["per_layer"].items()
+        }
+        return cls(per_layer=per_layer, layer=[int(v) for v in layer] if isinstance(layer, list) else layer)
+
+
+@dataclass
+class FoldRecord:
+    """What one method did on one fold: its policy summary, detector, timing and the task's fold facts.
+
+    ``meta`` holds the task's facts about the fold (``test_questions``, ``eval_groups``...); in JSON they
+    sit next to the other keys of the record.
+    """
+
+    fold: int
+    policy: dict[str, Any] | None = None
+    detector: DetectorRecord | None = None
+    seconds: float | None = None
+    fit_seconds: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fold": self.fold}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        if self.fit_seconds is not None:
+            out["fit_seconds"] = self.fit_seconds
+        out["policy"] = copy.deepcopy(self.policy)
+        out["detector"] = None if self.detector is None else self.detector.to_dict()
+        out.update(copy.deepcopy(self.meta))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], index: int = 0) -> FoldRecord:
+        det = data.get("detector")
+        return cls(
+            fold=int(data.get("fold", index)),
+            policy=copy.deepcopy(data.get("policy")),
+            detector=None if det is None else DetectorRecord.from_dict(det),
+            seconds=None if data.get("seconds") is None else float(data["seconds"]),
+            fit_seconds=None if data.get("fit_seconds") is None else float(data["fit_seconds"]),
+            meta={k: copy.deepcopy(v) for k, v in data.items() if k not in _FOLD_KEYS},
+        )
+
+
+@dataclass
+class MethodResult:
+    """One method's results: a summary per metric (JSON key ``summary``) and one record per fold."""
+
+    metrics: dict[str, MetricSummary] = field(default_factory=dict)
+    folds: list[FoldRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": {k: s.to_dict() for k, s in self.metrics.items()},
+                "folds": [f.to_dict() for f in self.folds]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MethodResult:
+        return cls(
+            metrics={str(k): MetricSummary.from_dict(v) for k, v in data["summary"].items()},
+            folds=[FoldRecord.from_dict(f, k) for k, f in enumerate(data.get("folds") or [])],
+        )
+
+
+@dataclass
+class RunResults:
+    """Everything a comparison run produced; the one way to write and read ``results.json``.
+
+    ``config`` is the run's configuration as a plain dict (the harness's configuration fields plus the
+    resolved model, judge, dtype, thread count, and ``methods``, the method ids in run order);
+    ``metrics`` is the catalogue of the metrics some method has; ``methods`` maps method id to its
+    results. ``task`` names the harness task ("truthfulqa", "toxicity"...).
+    """
+
+    config: dict[str, Any]
+    methods: dict[str, MethodResult]
+    metrics: dict[str, MetricSpec] = field(default_factory=dict)
+    task: str | None = None
+    started: str | None = None
+    seconds: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # ---- queries the report and rescoring need ----------------------------------------------------
+
+    @property
+    def method_ids(self) -> list[str]:
+        """Methods in the order of ``config.methods``, then any extra ones found in ``methods``."""
+        order = list(dict.fromkeys(self.config.get("methods") or []))
+        return order + [m for m in self.methods if m not in order]
+
+    def summary(self, method: str, metric: str) -> MetricSummary | None:
+        """A method's summary of one metric, or None when the method does not have it."""
+        entry = self.methods.get(method)
+        return entry.metrics.get(metric) if entry is not None else None
+
+    def n_folds(self, summary: MetricSummary) -> int:
+        """Folds behind a summary: its per-fold values, else the configuration's fold count (else 1)."""
+        if summary.folds is not None:
+            return len(summary.folds)
+        folds = self.config.get("folds")
+        return int(folds) if _is_number(folds) else 1
+
+    # ---- serialisation -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict of the current format (a deep copy: editing it leaves ``self`` alone)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "task": self.task,
+            "config": copy.deepcopy(self.config),
+            "started": self.started,
+            "seconds": self.seconds,
+            "timings": dict(self.timings),
+            "versions": dict(self.versions),
+            "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
+            "methods": {k: m.to_dict() for k, m in self.methods.items()},
+        }
+
+    def to_json(self) -> str:
+        """``results.json`` text (indented; values JSON cannot hold, such as paths, written as strings)."""
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Validate, then write atomically (a reader never sees half a file); returns the path."""
+        self.validate()
+        # TODO(lead): switch to otguard.io.atomic_write_text once the I/O ground floor exists.
+        from otguard.report import atomic_write_bytes
+
+        out = Path(path)
+        atomic_write_bytes(out, self.to_json().encode("utf-8"))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "Results") -> RunResults:
+        """Check and parse a decoded ``results.json`` of format 1 or 2; raises :class:`ResultsError`.
+
+        ``source`` starts the error message (e.g. "Results file runs/x/results.json").
+        """
+        problems = _problems(data)
+        if problems:
+            shown = "; ".join(problems[:_MAX_SHOWN])
+            if len(problems) > _MAX_SHOWN:
+                shown += f"; and {len(problems) - _MAX_SHOWN} more"
+            raise ResultsError(f"{source} is not a valid otguard compare result: {shown}.")
+        data = _upgrade(data)
+        cfg = data["config"]
+        return cls(
+            config=copy.deepcopy({k: v for k, v in cfg.items()}),
+            methods={str(k): MethodResult.from_dict(v) for k, v in data["methods"].items()},
+            metrics={str(k): MetricSpec.from_dict(str(k), v) for k, v in data["metrics"].items()},
+            task=data.get("task"),
+            started=None if data.get("started") is None else str(data["started"]),
+            seconds=None if data.get("seconds") is None else float(data["seconds"]),
+            timings={str(k): float(v) for k, v in (data.get("timings") or {}).items()},
+            versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
+        )
+
+    @classmethod
+    def loads(cls, text: str, *, source: str = "Results") -> RunResults:
+        """Parse ``results.json`` text; invalid JSON is a :class:`ResultsError` naming line and column."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResultsError(
+                f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                "it may be truncated (did the compare job finish?)."
+            ) from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> RunResults:
+        """Read a ``results.json`` (or the folder holding one) of format 1 or 2."""
+        p = resolve_path(path)
+        if not p.is_file():
+            raise DataFileNotFoundError(
+                f"Results file not found: {p}. Pass the results.json written by `otguard compare`."
+            )
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ResultsError(f"Results file {p} is not UTF-8 text ({exc}).") from exc
+        except OSError as exc:
+            raise ResultsError(f"Results file {p} could not be read: {exc}") from exc
+        return cls.loads(text, source=f"Results file {p}")
+
+    def validate(self) -> RunResults:
+        """Raise :class:`ResultsError` if this object would not load back as written; returns ``self``."""
+        problems = _problems(self.to_dict())
+        for mid, entry in self.methods.items():
+            for k, rec in enumerate(entry.folds):
+                clash = sorted(set(rec.meta) & set(_FOLD_KEYS))
+                if clash:
+                    problems.append(f"methods.{mid}.folds[{k}].meta repeats the record's keys {clash}")
+        if problems:
+            raise ResultsError(f"Results are not a valid otguard compare result: {'; '.join(problems)}.")
+        return self
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself, or ``path/results.json`` when ``path`` is a run folder holding one."""
+    p = Path(path)
+    return p / "results.json" if p.is_dir() and (p / "results.json").is_file() else p
+
+
+# --------------------------------------------------------------------------------------------------
+# Format versions and checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 dict in the format-2 layout (a shallow copy; format 2 is returned as it is)."""
+    if data.get("format_version", 1) != 1:
+        return data
+    out = dict(data)
+    cfg = dict(out["config"])
+    for key in _RUN_KEYS:
+        if key in cfg:
+            out[key] = cfg.pop(key)
+    out["config"] = cfg
+    dataset = cfg.get("dataset")
+    out["task"] = _V1_TASKS.get(dataset, dataset) if isinstance(dataset, str) else None
+    out["format_version"] = FORMAT_VERSION
+    return out
+
+
+def _check_detector(det: Any, where: str, problems: list[str]) -> None:
+    """Detector entries feed the per-layer plot; a malformed one should fail at load, not mid-plot."""
+    if det is None:
+        return
+    if not isinstance(det, dict):
+        problems.append(f"{where} must be an object or null")
+        return
+    per_layer = det.get("per_layer")
+    if not isinstance(per_layer, dict):
+        problems.append(
+            f"missing key {where}.per_layer" if per_layer is None else f"{where}.per_layer must be an object"
+        )
+        return
+    for key in ("fpr", "fnr"):
+        values = per_layer.get(key)
+        if values is None:
+            problems.append(f"missing key {where}.per_layer.{key}")
+        elif not isinstance(values, list) or not all(_is_number_or_none(v) for v in values):
+            problems.append(f"{where}.per_layer.{key} must be a list of numbers")
+    layer = det.get("layer")
+    if not (layer is None or _is_number(layer) or (isinstance(layer, list) and all(map(_is_number, layer)))):
+        problems.append(f"{where}.layer must be an integer, a list of integers or null")
+
+
+def _check_run_facts(data: dict[str, Any], problems: list[str]) -> None:
+    if not (data.get("task") is None or isinstance(data["task"], str)):
+        problems.append("task must be a string or null")
+    if not (data.get("started") is None or isinstance(data["started"], str)):
+        problems.append("started must be a string or null")
+    if not _is_number_or_none(data.get("seconds")):
+        problems.append("seconds must be a number or null")
+    timings = data.get("timings")
+    if timings is not None and not (isinstance(timings, dict) and all(map(_is_number, timings.values()))):
+        problems.append("timings must be an object of seconds per stage")
+    if data.get("versions") is not None and not isinstance(data["versions"], dict):
+        problems.append("versions must be an object")
+
+
+def _check_summary(summary: Any, where: str, problems: list[str]) -> None:
+    if summary is None:
+        problems.append(f"missing key {where}.summary")
+        return
+    if not isinstance(summary, dict):
+        problems.append(f"{where}.summary must be an object")
+        return
+    for metric, stat in summary.items():
+        at = f"{where}.summary.{metric}"
+        if not isinstance(stat, dict):
+            problems.append(f"{at} must be an object")
+        elif "mean" not in stat:
+            problems.append(f"missing key {at}.mean")
+        elif not _is_number_or_none(stat["mean"]) or not _is_number_or_none(stat.get("std")):
+            problems.append(f"{at}.mean and .std must be numbers or null")
+        elif "folds" in stat and not (
+            isinstance(stat["folds"], list) and all(_is_number_or_none(v) for v in stat["folds"])
+        ):
+            problems.append(f"{at}.folds must be a list of numbers")
+
+
+def _check_methods(methods: Any, problems: list[str]) -> None:
+    if not isinstance(methods, dict):
+        problems.append("methods must be an object")
+        return
+    for mid, entry in methods.items():
+        where = f"methods.{mid}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        _check_summary(entry.get("summary"), where, problems)
+        folds = entry.get("folds", [])
+        if folds is None:
+            continue
+        if not isinstance(folds, list):
+            problems.append(f"{where}.folds must be a list")
+            continue
+        for k, fold in enumerate(folds):
+            if not isinstance(fold, dict):
+                problems.append(f"{where}.folds[{k}] must be an object")
+                continue
+            if "fold" in fold and not (isinstance(fold["fold"], int) and not isinstance(fold["fold"], bool)):
+                problems.append(f"{where}.folds[{k}].fold must be an integer")
+            for key in ("seconds", "fit_seconds"):
+                if not _is_number_or_none(fold.get(key)):
+                    problems.append(f"{where}.folds[{k}].{key} must be a number or null")
+            if not (fold.get("policy") is None or isinstance(fold["policy"], dict)):
+                problems.append(f"{where}.folds[{k}].policy must be an object or null")
+            _check_detector(fold.get("detector"), f"{where}.folds[{k}].detector", problems)
+
+
+def _problems(data: Any) -> list[str]:
+    """All problems of a decoded results file, as dotted key paths (empty when it loads)."""
+    if not isinstance(data, dict):
+        return ["the top level must be a JSON object"]
+    version = data.get("format_version", 1)
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        return [
+            f"format_version {version!r} is not one this otguard reads (1 to {FORMAT_VERSION}); "
+            "a newer otguard wrote it, so upgrade otguard"
+        ]
+    problems = [f"missing key {key}" for key in ("config", "metrics", "methods") if key not in data]
+    config = data.get("config")
+    if "config" in data:
+        if not isinstance(config, dict):
+            problems.append("config must be an object")
+        else:
+            if "methods" not in config:
+                problems.append("missing key config.methods")
+            elif not isinstance(config["methods"], list) or not all(
+                isinstance(m, str) for m in config["methods"]
+            ):
+                problems.append("config.methods must be a list of method ids")
+            if version == 1 or "format_version" not in data:
+                _check_run_facts({**data, **{k: config[k] for k in _RUN_KEYS if k in config}}, problems)
+            else:
+                _check_run_facts(data, problems)
+    metrics = data.get("metrics")
+    if "metrics" in data:
+        if not isinstance(metrics, dict):
+            problems.append("metrics must be an object")
+        else:
+            for name, spec in metrics.items():
+                if not isinstance(spec, dict):
+                    problems.append(f"metrics.{name} must be an object")
+                elif "higher_is_better" in spec and spec["higher_is_better"] not in (True, False, None):
+                    problems.append(f"metrics.{name}.higher_is_better must be true, false or null")
+    if "methods" in data:
+        _check_methods(data["methods"], problems)
+    return problems
