@@ -1,7 +1,9 @@
-"""Report: table values and bolding, unit formatting, validation errors, plots and the md / HTML files.
+"""Report: table values and bolding, unit formatting, loading errors, plots and the md / HTML files.
 
 Everything runs on the hand-written ``tests/fixtures/results_small.json`` (no model); the full report with
-its three PNGs is rendered once per module to keep the file fast.
+its three PNGs is rendered once per module to keep the file fast. The tests edit the decoded JSON and
+pass the dict (the report parses it through :class:`~otguard.results.RunResults`); the browser check of
+``report.html`` is in ``test_report_browser.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from otguard.errors import DataError, OtguardError
+from otguard.errors import DataError, OtguardError, ResultsError
 from otguard.report import (
-    load_results,
     main,
     markdown_table,
     plot_detector,
@@ -27,6 +28,10 @@ from otguard.report import (
     results_table,
     write_report,
 )
+from otguard.report.explain import task_view
+from otguard.report.plots import _wants_log_axis
+from otguard.report.render import _md_escape
+from otguard.results import RunResults
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results_small.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +40,14 @@ DASH = "–"
 
 @pytest.fixture(scope="module")
 def base() -> dict[str, Any]:
-    return load_results(FIXTURE)
+    data: dict[str, Any] = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    RunResults.from_dict(data)  # the fixture itself must be valid
+    return data
+
+
+def load_results(path: Path) -> RunResults:
+    """What the report reads a results file with."""
+    return RunResults.from_json(path)
 
 
 @pytest.fixture
@@ -189,21 +201,21 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_folder_with_results_json(tmp_path: Path, base: dict[str, Any]) -> None:
     _dump(tmp_path, base)
-    assert load_results(tmp_path) == base
+    assert load_results(tmp_path) == RunResults.from_dict(base)
 
 
 @pytest.mark.parametrize("text", ['{"config": {', "", "not json"])
 def test_invalid_json(tmp_path: Path, text: str) -> None:
     path = tmp_path / "results.json"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(DataError, match=r"not valid JSON \(line \d+, column \d+"):
+    with pytest.raises(ResultsError, match=r"not valid JSON \(line \d+, column \d+"):
         load_results(path)
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     path.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match="UTF-8"):
+    with pytest.raises(ResultsError, match="UTF-8"):
         load_results(path)
 
 
@@ -211,7 +223,7 @@ def test_missing_keys_are_named(tmp_path: Path, results: dict[str, Any]) -> None
     del results["config"]["methods"]
     del results["methods"]["slim"]["summary"]
     del results["methods"]["iti"]["summary"]["mc1"]["mean"]
-    with pytest.raises(DataError) as info:
+    with pytest.raises(ResultsError) as info:
         load_results(_dump(tmp_path, results))
     msg = str(info.value)
     for key in ("config.methods", "methods.slim.summary", "methods.iti.summary.mc1.mean"):
@@ -219,10 +231,10 @@ def test_missing_keys_are_named(tmp_path: Path, results: dict[str, Any]) -> None
 
 
 def test_top_level_problems(tmp_path: Path, base: dict[str, Any]) -> None:
-    with pytest.raises(DataError, match="top level must be a JSON object"):
+    with pytest.raises(ResultsError, match="top level must be a JSON object"):
         load_results(_dump(tmp_path, [1, 2]))
     broken = {k: v for k, v in base.items() if k != "metrics"}
-    with pytest.raises(DataError, match="missing key metrics"):
+    with pytest.raises(ResultsError, match="missing key metrics"):
         load_results(_dump(tmp_path, broken))
 
 
@@ -373,9 +385,102 @@ def test_cli(tmp_path: Path, results: dict[str, Any], capsys: pytest.CaptureFixt
 
 
 def test_log_axis_only_for_positive_values_spread_over_20x() -> None:
-    from otguard.report import _wants_log_axis
-
     assert _wants_log_axis([20.8, 26.5, 3665.6])  # a broken model's perplexity next to sane ones
     assert not _wants_log_axis([20.8, 26.5, 33.0])
     assert not _wants_log_axis([0.0, 0.1, 7.1])  # KL of the unsteered model is 0: no log axis
     assert not _wants_log_axis([])
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-task text and typed input
+# --------------------------------------------------------------------------------------------------
+
+
+def _leads(results: dict[str, Any]) -> list[str]:
+    res = RunResults.from_dict(results)
+    return [lead for lead, _ in task_view(res).how_to_read(res)]
+
+
+def test_how_to_read_follows_the_task(results: dict[str, Any]) -> None:
+    assert _leads(results) == [
+        "Cells:",
+        "MC1 / MC2 / MC3:",
+        "True×Info product vs. joint:",
+        "CE and KL (nats):",
+        "Flag rate and edited heads:",
+        "Judges:",
+    ]
+    results["config"]["dataset"] = "toxigen"  # a format-1 file: the task comes from the data set
+    assert _leads(results) == [
+        "Cells:",
+        "Toxicity:",
+        "Fluency and diversity:",
+        "Flag rates:",
+        "CE and KL (nats):",
+        "Flag rate and edited heads:",
+    ]
+    results["format_version"] = 2
+    results["task"] = "some-new-task"
+    assert _leads(results) == ["Cells:"]
+
+
+def test_toxicity_report_plots_toxicity_against_fluency(tmp_path: Path, results: dict[str, Any]) -> None:
+    _no_plot_data(results)
+    results["config"]["dataset"] = "toxigen"
+    results["metrics"]["tox_max"] = {
+        "label": "Exp. max toxicity",
+        "higher_is_better": False,
+        "group": "toxicity",
+    }
+    results["metrics"]["ppl"] = {
+        "label": "Perplexity",
+        "higher_is_better": False,
+        "group": "fluency",
+        "unit": "",
+    }
+    for k, entry in enumerate(results["methods"].values()):
+        entry["summary"]["tox_max"] = {
+            "mean": 0.5 - 0.1 * k,
+            "std": 0.01,
+            "folds": [0.49 - 0.1 * k, 0.51 - 0.1 * k],
+        }
+        entry["summary"]["ppl"] = {"mean": 20.0 + k, "std": 1.0, "folds": [19.0 + k, 21.0 + k]}
+    md, _ = write_report(_dump(tmp_path, results), tmp_path / "out")
+    text = md.read_text(encoding="utf-8")
+    assert "### Toxicity vs. fluency" in text and "### Truthfulness vs. drift" not in text
+    assert "Exp. max toxicity against Perplexity per method" in text
+    assert "Down and to the left is better: less toxic, more fluent." in text
+    assert "![Exp. max toxicity versus Perplexity per method](tradeoff.png)" in text
+    assert (tmp_path / "out" / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
+    assert _rows(results_table(results, "toxicity"))["slim"] == ["**0.200 ± 0.010**"]  # a score, not a %
+
+
+def test_write_report_from_results_object_with_the_tasks_own_text(
+    tmp_path: Path, results: dict[str, Any]
+) -> None:
+    res = RunResults.from_dict(_no_plot_data(results))
+    md, html_path = write_report(res, tmp_path, how_to_read=[("Scores:", "from the <task>'s own text")])
+    text = md.read_text(encoding="utf-8")
+    assert text.endswith("## How to read this\n\n- **Scores:** from the \\<task\\>'s own text\n")
+    assert "**Results file:** results.json" in text
+    assert "<li><strong>Scores:</strong> from the &lt;task&gt;&#x27;s own text</li>" in html_path.read_text(
+        encoding="utf-8"
+    )
+    assert markdown_table(res, "mc") == markdown_table(results, "mc")  # typed and decoded input agree
+
+
+def test_otguard_report_command_uses_the_tasks_text(
+    tmp_path: Path, results: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otguard.cli import main as otguard_main
+    from otguard.harness.registry import how_to_read
+
+    src = _dump(tmp_path, _no_plot_data(results))
+    assert otguard_main(["report", str(src), "--out", str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "cli" / n) for n in ("report.md", "report.html")
+    ]
+    text = (tmp_path / "cli" / "report.md").read_text(encoding="utf-8")
+    res = RunResults.from_dict(results)
+    expected = "\n".join(f"- **{_md_escape(lead)}** {_md_escape(rest)}" for lead, rest in how_to_read(res))
+    assert text.endswith("## How to read this\n\n" + expected + "\n")

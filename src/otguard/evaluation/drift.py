@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from otguard.errors import DataError, DataFileNotFoundError
+from otguard.hook import attached
 
 
 def _read_file(path: Path) -> list[str]:
@@ -154,12 +155,9 @@ def measure_drift_many(
                 if policy is None:
                     acc[name].add(logp_o, logp_o, ids, mask, None)
                     continue
-                handle = policy.attach(model, scope="all")
-                try:
+                with attached(policy, model, scope="all") as handle:
                     steered = model(input_ids=ids, attention_mask=mask).logits.float()
-                    stats = handle.stats()
-                finally:
-                    handle.remove()
+                    stats = handle.stats() if handle is not None else None
                 acc[name].add(logp_o, F.log_softmax(steered, dim=-1), ids, mask, stats)
                 del steered
     finally:

@@ -10,7 +10,8 @@
   with scope ``"generation"`` and its flag rate over the continuations is returned.
 - :func:`continuation_perplexity`: perplexity of each sampled continuation given its prompt under a
   reference model, from the sampled token ids themselves (no re-tokenisation of the text), with the
-  prompt run once per prompt and its cache shared by its samples.
+  prompt run once per prompt and its cache shared by its samples. It is otguard's one fluency
+  implementation; :func:`otguard.evaluation.toxicity_metrics.mean_perplexity` is the protocol's mean.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from otguard.decoding import decode
+from otguard.decoding import cache_kwarg, decode, output_cache
 from otguard.errors import DataError, DataFileNotFoundError
+from otguard.hook import attached
 
 __all__ = [
     "Prompt",
@@ -54,7 +56,7 @@ def toxigen_prompt_set(
     data_dir: str | os.PathLike[str] | None,
     groups: Sequence[str],
     *,
-    kind: str = "hate",
+    kind: Literal["hate", "neutral"] = "hate",
     per_group: int = 8,
 ) -> list[Prompt]:
     """The first ``per_group`` ToxiGen prompts of ``kind`` for each group that has such a file."""
@@ -191,8 +193,7 @@ def sample_continuations(
     gen = torch.Generator(device=device).manual_seed(int(seed))
     texts: list[list[str]] = []
     tokens: list[list[list[int]]] = []
-    handle = policy.attach(model, scope="generation") if policy is not None else None
-    try:
+    with attached(policy, model, scope="generation") as handle:
         for start in tqdm(range(0, len(ids), batch_size), desc="samples", disable=not progress):
             rows = ids[start : start + batch_size]
             x, mask = _left_pad(rows, pad, device)
@@ -205,9 +206,6 @@ def sample_continuations(
                 tokens.append(sample_ids)
                 texts.append(tokenizer.batch_decode(sample_ids, skip_special_tokens=True))
         stats = handle.stats() if handle is not None else {}
-    finally:
-        if handle is not None:
-            handle.remove()
     return Samples(texts, tokens, ids, stats)
 
 
@@ -242,7 +240,7 @@ def continuation_perplexity(
         T = max((len(f) for f in flat), default=0)
         if T == 0:
             continue
-        cache = res.past_key_values
+        cache = output_cache(res)
         cache.batch_repeat_interleave(n)
         last = res.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # (B*n, V)
         y = torch.full((len(flat), T), pad_id, dtype=torch.long)
@@ -254,8 +252,8 @@ def continuation_perplexity(
         y, valid = y.to(device), valid.to(device)
         full_mask = torch.cat([mask.repeat_interleave(n, 0), valid.long()], 1)
         next_pos = (pos[:, -1] + 1).repeat_interleave(n, 0)[:, None] + torch.arange(T, device=device)
-        logits = model(input_ids=y, attention_mask=full_mask, past_key_values=cache, position_ids=next_pos,
-                       use_cache=True).logits.float()  # fmt: skip
+        logits = model(input_ids=y, attention_mask=full_mask, **{cache_kwarg(model): cache},
+                       position_ids=next_pos, use_cache=True).logits.float()  # fmt: skip
         logp = torch.cat([last[:, None], logits[:, :-1].log_softmax(-1)], 1)  # predicts y[:, t]
         nll = -logp.gather(-1, y[..., None]).squeeze(-1)
         count = valid.sum(1)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from otguard.decoding import accepts_argument, decode, fork_cache
+from otguard.decoding import accepts_argument, cache_kwarg, decode, fork_cache, output_cache
+from otguard.hook import attached
 from otguard.prompts import postprocess_answer, qa_prefix
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,11 @@ def generate_answers(
 
     P = len(prefix_ids)
     prefix_t = torch.tensor([prefix_ids], device=device)
-    prefix_cache = model(input_ids=prefix_t, use_cache=True).past_key_values
+    prefix_cache = output_cache(model(input_ids=prefix_t, use_cache=True))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(questions)), key=lambda i: -len(suffix_ids[i]))
     raw: list[str] = [""] * len(questions)
-    handle = policy.attach(model, scope="generation", kappa=kappa) if policy is not None else None
-    try:
+    with attached(policy, model, scope="generation", kappa=kappa) as handle:
         for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
             idx = order[start : start + batch_size]
             B = len(idx)
@@ -114,7 +114,7 @@ def generate_answers(
                 new_tokens = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    past_key_values=cache,
+                    **{cache_kwarg(model): cache},
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     top_p=None,
@@ -127,7 +127,4 @@ def generate_answers(
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, i in enumerate(idx):
                 raw[i] = texts[row]
-    finally:
-        if handle is not None:
-            handle.remove()
     return [postprocess_answer(r) for r in raw], raw

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from otguard.decoding import fork_cache
+from otguard.decoding import cache_kwarg, fork_cache
 from otguard.errors import DataError
+from otguard.hook import attached
 from otguard.prompts import qa_prefix, qa_prompt
 
 __all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc"]
@@ -272,6 +273,7 @@ class _Runner:
     def __init__(self, model: Any, handle: Any, device: torch.device) -> None:
         self.model, self.handle, self.device = model, handle, device
         self.pos_ids = _accepts_position_ids(model)
+        self.cache_name = cache_kwarg(model)
         self.n_packed = self.n_padded = 0  # answer forwards of each kind, for MCResult.info
 
     def extend(self, cache: Any, ids: Sequence[int], past: int, no_edit_before: int) -> torch.Tensor:
@@ -282,7 +284,7 @@ class _Runner:
         kwargs: dict[str, Any] = {}
         if self.pos_ids:
             kwargs["position_ids"] = torch.arange(past, past + x.shape[1], device=self.device)[None]
-        out = self.model(input_ids=x, past_key_values=cache, use_cache=True, **kwargs)
+        out = self.model(input_ids=x, **{self.cache_name: cache}, use_cache=True, **kwargs)
         return _wide(out.logits[0, -1])
 
     def packed(self, cache: Any, rows: list[list[int]], past: int) -> torch.Tensor:
@@ -309,7 +311,7 @@ class _Runner:
         out = self.model(
             input_ids=x,
             attention_mask=mask[None, None].to(self.device),
-            past_key_values=fork_cache(cache, 1),
+            **{self.cache_name: fork_cache(cache, 1)},
             use_cache=True,
             **kwargs,
         )
@@ -331,7 +333,8 @@ class _Runner:
         if self.pos_ids:
             kwargs["position_ids"] = torch.arange(past, past + L, device=self.device).expand(B, L)
         out = self.model(
-            input_ids=x, attention_mask=mask, past_key_values=fork_cache(cache, B), use_cache=True, **kwargs
+            input_ids=x, attention_mask=mask, **{self.cache_name: fork_cache(cache, B)}, use_cache=True,
+            **kwargs,
         )
         return out.logits
 
@@ -424,7 +427,6 @@ def score_mc(
     device = _input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = qa_prefix(instruction)
-    handle = policy.attach(model, scope="answer") if policy is not None else None
     info: dict[str, Any] = {
         "scorer": "cached" if share_prefix else "per-question",
         "instruction": instruction,
@@ -433,7 +435,7 @@ def score_mc(
     }
     if policy is not None:
         info["policy"] = policy.summary()
-    try:
+    with attached(policy, model, scope="answer") as handle:
         runner = _Runner(model, handle, device)
         shared: list[int] = []
         shared_cache = None
@@ -475,7 +477,4 @@ def score_mc(
                 "padded_forwards": runner.n_padded,
             }
         )
-    finally:
-        if handle is not None:
-            handle.remove()
     return MCResult.from_scores(items, results, info)
