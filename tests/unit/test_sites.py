@@ -30,38 +30,20 @@ from torch import nn
 from otguard import sites as sites_module
 from otguard.errors import PolicyMismatchError, UnsupportedArchitectureError
 from otguard.sites import find_head_sites, model_identity, register_site, supported_model_types
+from tests.tiny_models import GPT2, LLAMA, VOCAB, tiny_causal_lm, tiny_llama
 
-V = 100  # vocabulary
-D = 32  # hidden size
-H = 4  # query heads
-L = 2  # layers
+V = VOCAB  # vocabulary
+D = LLAMA["hidden_size"]  # hidden size (32)
+H = LLAMA["num_attention_heads"]  # query heads (4)
+L = LLAMA["num_hidden_layers"]  # layers (2)
 
-_DECODER = dict(
-    vocab_size=V,
-    hidden_size=D,
-    num_hidden_layers=L,
-    num_attention_heads=H,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.2,
-)
+# The shared tiny configs without their head geometry, so that each family below sets its own
+# (head_dim defaults to D / H = 8), and with a 64-token context.
+_DECODER = {k: v for k, v in LLAMA.items() if k not in ("head_dim", "num_key_value_heads")}
+_DECODER["max_position_embeddings"] = 64
 _GQA = dict(_DECODER, num_key_value_heads=2)
-_GPT = dict(
-    vocab_size=V,
-    n_embd=D,
-    n_layer=L,
-    n_head=H,
-    n_positions=64,
-    resid_pdrop=0.0,
-    embd_pdrop=0.0,
-    attn_pdrop=0.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.2,
-)
+_GPT = {k: v for k, v in GPT2.items() if k != "pad_token_id"}
+_GPT["n_positions"] = 64
 
 
 def _split_v(out: torch.Tensor, start: int, k: int, d: int) -> torch.Tensor:
@@ -245,14 +227,12 @@ def _build(name: str) -> nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            config = transformers.AutoConfig.for_model(family.model_type, **family.config)
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = tiny_causal_lm(family.model_type, attn_implementation="eager", **family.config)
     except Exception as exc:  # an architecture this transformers version lacks or builds differently
         raise _Unbuildable(
             f"{name} cannot be built with transformers {transformers.__version__}: {exc!r}"
         ) from exc
-    return model.eval()
+    return model
 
 
 class _Unbuildable(Exception):
@@ -527,9 +507,7 @@ def test_register_site_cleanup_leaves_the_table_unchanged() -> None:
 
 
 def _llama(seed: int = 0, **overrides: Any) -> nn.Module:
-    config = transformers.LlamaConfig(**{**FAMILIES["llama"].config, **overrides})
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(seed=seed, **{**FAMILIES["llama"].config, **overrides})
 
 
 def test_fingerprint_is_stable() -> None:

@@ -23,6 +23,7 @@ from otguard.transport import (
     ot_map,
     projection_objective,
     regularize_covariance,
+    shrink_covariance,
 )
 from tests.reference.cvxpy_transport import psd_sqrt, solve_reference
 
@@ -238,6 +239,112 @@ def test_regularize_covariance_floors_relative_to_top_eigenvalue() -> None:
     assert torch.allclose(ev, _t([1e-4, 1e-4, 1.0, 100.0]))
     assert torch.allclose(root @ root, reg)
     assert torch.allclose(inv_root @ reg @ inv_root, torch.eye(4, dtype=F64))
+
+
+# ----------------------------------------------------------------------------------------------
+# covariance shrinkage (oracle-approximating, toward a scaled identity)
+# ----------------------------------------------------------------------------------------------
+
+
+def _oas_reference(sig: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """Chen, Wiesel, Eldar & Hero (2010), eq. 23, written out with NumPy traces."""
+    p = sig.shape[0]
+    tr, tr2 = float(np.trace(sig)), float(np.trace(sig @ sig))
+    rho = min(1.0, ((1 - 2 / p) * tr2 + tr**2) / ((n + 1 - 2 / p) * (tr2 - tr**2 / p)))
+    return (1 - rho) * sig + rho * tr / p * np.eye(p), rho
+
+
+def test_shrink_covariance_matches_the_published_formula_batched() -> None:
+    rng = np.random.default_rng(7)
+    sigs = [_rand_cov(rng, 6, 0.01, 4.0) for _ in range(3)] + [np.diag([5.0, 1.0, 0.0, 0.0, 0.0, 0.0])]
+    counts = [3, 40, 50000, 4]
+    shrunk, rho = shrink_covariance(_t(np.stack(sigs)), torch.tensor(counts))
+    assert shrunk.shape == (4, 6, 6) and rho.shape == (4,)
+    for i, (sig, n) in enumerate(zip(sigs, counts, strict=True)):
+        want, want_rho = _oas_reference(sig, n)
+        assert float(rho[i]) == pytest.approx(want_rho, rel=1e-12)
+        assert torch.allclose(shrunk[i], _t(want), rtol=1e-12, atol=1e-14)
+    assert float(rho[2]) < 1e-3 < float(rho[1]) < 1.0  # falls with the number of rows
+    assert float(rho[0]) == 1.0  # 3 rows in d = 6: all the way to the scaled identity
+    # the trace (total variance) is kept, and the smallest eigenvalue is lifted to rho * tr / d
+    for i, sig in enumerate(sigs):
+        assert float(torch.trace(shrunk[i])) == pytest.approx(float(np.trace(sig)), rel=1e-12)
+        floor = float(rho[i]) * float(np.trace(sig)) / 6
+        assert float(torch.linalg.eigvalsh(shrunk[i])[0]) >= floor * (1 - 1e-12)
+
+
+def test_shrink_covariance_leaves_scaled_identity_and_zero_alone() -> None:
+    eye = 2.5 * torch.eye(4, dtype=F64)
+    shrunk, rho = shrink_covariance(eye, 10)
+    assert torch.equal(shrunk, eye) and float(rho) == 1.0
+    zero, rho0 = shrink_covariance(torch.zeros(3, 3, dtype=F64), 1)
+    assert torch.equal(zero, torch.zeros(3, 3, dtype=F64)) and float(rho0) == 0.0
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        shrink_covariance(eye, 0)
+    with pytest.raises(SolverError, match="NaN"):
+        shrink_covariance(torch.full((2, 2), math.nan, dtype=F64), 5)
+
+
+def _few_rows_problem(n: int, d: int = 64, seed: int = 0):
+    """n source rows of an anisotropic head (d = 64 as on SmolLM2), a desirable reference set of 400
+    rows, and a probe whose boundary the source mean crosses by half a standard deviation."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -1.5, d, dtype=F64)
+    x = torch.randn(n, d, generator=gen, dtype=F64) * scales
+    ref_rows = torch.randn(400, d, generator=gen, dtype=F64) * scales
+    th = torch.randn(d, generator=gen, dtype=F64)
+    mu, sig = x.mean(0), torch.cov(x.T, correction=0)
+    th0 = float(-(th @ mu) + 0.5 * torch.sqrt(th @ sig @ th))
+    return mu, sig, th, th0, torch.cov(ref_rows.T, correction=0)
+
+
+@pytest.mark.parametrize("n", [4, 8, 32])
+@pytest.mark.parametrize("alpha", [ChanceLevel(0.1), Margin(15.0)], ids=repr)
+def test_few_rows_shrunk_covariance_keeps_the_map_bounded_and_feasible(n: int, alpha) -> None:
+    """4-32 rows in d = 64: the raw estimate gives ||A|| up to ~1e3 with the reference constraint;
+    the shrunk one keeps ||A|| <= sqrt(lambda_max(Sigma*) / lambda_min(Sigma_s)) <= 10, and the map
+    still pushes N(mu_hat, Sigma_s) exactly onto a target that meets the chance constraint."""
+    mu, sig, th, th0, ref = _few_rows_problem(n)
+    ref = ref if isinstance(alpha, Margin) else None
+    shrunk, rho = shrink_covariance(sig, n)
+    res = fit_head_maps(mu, shrunk, th, th0, alpha, ref)
+    a_norm = float(torch.linalg.matrix_norm(res.A, ord=2))
+    target = res.s_star @ res.s_star
+    ev = torch.linalg.eigvalsh(shrunk)
+    assert a_norm <= math.sqrt(float(torch.linalg.eigvalsh(target)[-1]) / float(ev[0])) * (1 + 1e-9)
+    assert float(ev[-1] / ev[0]) <= 1 + 64 * (1 - float(rho)) / float(rho) + 1e-9  # documented bound
+    assert a_norm <= 10.0
+    _check_feasible(res.mu_star, res.s_star, th, th0, alpha, None if ref is None else psd_sqrt(ref.numpy()))
+    assert torch.allclose(res.A @ shrunk @ res.A, target, atol=1e-9 * float(target.norm()))
+    assert torch.allclose(res.A @ mu + res.b, res.mu_star, atol=1e-10)
+    if ref is not None and n == 4:  # the same problem without shrinkage: why it is needed
+        raw = fit_head_maps(mu, sig, th, th0, alpha, ref)
+        assert float(torch.linalg.matrix_norm(raw.A, ord=2)) > 100.0
+
+
+@pytest.mark.parametrize("alpha", [ChanceLevel(0.1), Margin(5.0)], ids=repr)
+def test_many_rows_shrinkage_changes_the_fit_by_at_most_a_few_rho(alpha) -> None:
+    """50,000 rows in d = 16: rho < 1e-3, and A, b and mu* move by at most 10 rho (relative; measured:
+    up to 6 rho for A with the reference constraint, 1-3 rho otherwise)."""
+    d, n = 16, 50000
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    scales = torch.logspace(0, -1, d, dtype=F64)
+    x = (torch.randn(n, d, generator=gen, dtype=F64) * scales) @ q.T
+    ref_rows = (torch.randn(n, d, generator=gen, dtype=F64) * 0.8 * scales) @ q.T
+    th = torch.randn(d, generator=gen, dtype=F64)
+    mu, sig = x.mean(0), torch.cov(x.T, correction=0)
+    th0 = float(-(th @ mu) + 0.5 * torch.sqrt(th @ sig @ th))
+    ref = torch.cov(ref_rows.T, correction=0) if isinstance(alpha, Margin) else None
+    shrunk, rho = shrink_covariance(sig, n)
+    assert 0.0 < float(rho) < 1e-3
+    raw, new = fit_head_maps(mu, sig, th, th0, alpha, ref), fit_head_maps(mu, shrunk, th, th0, alpha, ref)
+    tol = 10 * float(rho)
+    assert float(torch.linalg.matrix_norm(new.A - raw.A, ord=2)) <= tol * float(
+        torch.linalg.matrix_norm(raw.A, ord=2)
+    )
+    assert float((new.b - raw.b).norm()) <= tol * float(raw.b.norm())
+    assert float((new.mu_star - raw.mu_star).norm()) <= tol * float((raw.mu_star - mu).norm())
 
 
 def _batch(seed: int, shape: tuple[int, ...], d: int, offsets: list[float]):

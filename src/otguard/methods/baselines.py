@@ -58,9 +58,11 @@ class NoIntervention(Method):
 class ITI(Method):
     """Inference-time intervention (Li et al. 2023): top-K heads by probe accuracy, α·σ mass-mean shift.
 
-    Probes are logistic (BCE) per head, ranked by validation accuracy over all layers; each chosen
-    head is shifted by ``strength * std(a·v) * v`` with ``v`` the unit mass-mean direction from
-    undesirable to desirable training activations.
+    Probes are logistic (BCE) per head, trained on the training rows and ranked by validation
+    accuracy over all layers; each of the ``top_k`` chosen heads is shifted by
+    ``strength * std(a·v) * v`` with ``v`` the unit mass-mean direction from undesirable to desirable
+    training activations and ``std`` the population standard deviation (ddof 0, as ITI's ``np.std``)
+    of all training activations of that head projected on ``v``.
     """
 
     name = "iti"
@@ -97,7 +99,8 @@ class ITI(Method):
         mask = mask.view(L, H)
         direction = _class_direction(x_tr, y_tr)
         unit = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        sigma = torch.einsum("nlhd,lhd->nlh", x_tr.double(), unit).std(0)  # (L, H)
+        # Population std (ddof 0) of the training activations along the direction, as ITI's np.std.
+        sigma = torch.einsum("nlhd,lhd->nlh", x_tr.double(), unit).std(0, correction=0)  # (L, H)
         shifts = self.strength * sigma[..., None] * unit
         self._policy = Policy(
             method=self.name, rule="shift", layers=_shift_edits(shifts, mask), model=bank_identity(acts),

@@ -13,6 +13,8 @@ constraint     S ⪰ Σ_ref^{1/2} (desirable covariance) none
 threshold      lowest validation FPR + bl·FNR (both)  lowest validation FPR + bl·FNR
 layer choice   mean per-head validation loss          ensemble validation loss
 moments from   training rows                          training + validation rows
+               (rows the head's own probe flags)      (rows the head's own probe flags)
+source cov     OAS-shrunk (``cov_shrinkage``)         OAS-shrunk (``cov_shrinkage``)
 edit rule      replace: a <- A a + b                  a <- a + κ·p·(A a + b - a)
 ============== ====================================== ======================================
 
@@ -22,6 +24,11 @@ is available but not the default: it returns the largest τ with zero validation
 undesirable validation example gets no vote (method.md §8 item 4; on SmolLM2 + TruthfulQA fold 0 it
 chose τ = 0, FPR 1.0). ``threshold_rule="slim"`` (the default for both) minimises FPR + bl·FNR
 instead; raise ``fnr_weight`` (bl) to trade false positives for misses as the paper intends.
+
+``cov_shrinkage="none"`` keeps the papers' plain ML covariance of the flagged rows; the default
+``"oas"`` shrinks it toward a scaled identity with a deterministic intensity that falls like 1/n
+(:func:`otguard.transport.shrink_covariance`), because a head with a few flagged rows in d = 64
+otherwise gets a near-singular Σ̂ and an OT map with a norm in the hundreds.
 
 Stage 3 of SLIM (choosing κ on semantic preference data) lives in :mod:`otguard.methods.stage3`.
 """
@@ -35,15 +42,19 @@ import numpy as np
 import torch
 
 from otguard.activations import ActivationSet
-from otguard.errors import DataError
+from otguard.errors import ConfigError, DataError
 from otguard.methods.base import Method, bank_identity, check_two_classes, split_xy
-from otguard.policy import LayerEdit, Policy
+from otguard.policy import EditRule, LayerEdit, Policy
 from otguard.probes import fit_detector
-from otguard.transport import ChanceLevel, Margin, fit_head_maps, guarantee_rate
+from otguard.transport import ChanceLevel, Margin, fit_head_maps, guarantee_rate, shrink_covariance
 
 logger = logging.getLogger(__name__)
 
-MIN_SOURCE_ROWS = 4  # fewer flagged rows than this: no reliable Gaussian, the head is left unedited
+# Fewer flagged rows than this: no usable Gaussian, the head is left unedited. Few rows (d = 64 on
+# SmolLM2) make the ML covariance singular; ``cov_shrinkage="oas"`` (the default) shrinks it toward a
+# scaled identity so that the OT map stays well conditioned (see transport.shrink_covariance).
+MIN_SOURCE_ROWS = 4
+COV_SHRINKAGE = ("oas", "none")
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,9 +75,21 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
 class _OTMethod(Method):
     """Stage 1 + Stage 2, shared by RADIANT and SLIM; subclasses fix the variant."""
 
-    rule: ClassVar[str]
+    rule: ClassVar[EditRule]
     moments_from_val: ClassVar[bool]
     use_ref_cov: ClassVar[bool]
+    # Hyper-parameters both subclasses take (set in their constructors).
+    fnr_weight: float
+    loss: Any
+    threshold_rule: Any
+    layer_criterion: Any
+    layers: list[int] | None
+    cov_shrinkage: str
+    epochs: int
+    lr: float
+    seed: int
+    device: str | None
+    progress: bool
 
     def _alpha(self) -> ChanceLevel | Margin:  # pragma: no cover
         raise NotImplementedError
@@ -77,6 +100,10 @@ class _OTMethod(Method):
     def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> _OTMethod:
         """Fit the detector on ``train_idx``, tune it on ``val_idx``, and fit the head maps."""
         alpha = self._alpha()
+        if self.cov_shrinkage not in COV_SHRINKAGE:
+            raise ConfigError(
+                f"cov_shrinkage must be one of {', '.join(COV_SHRINKAGE)}; got {self.cov_shrinkage!r}."
+            )
         x_tr, y_tr = split_xy(acts, train_idx, "training")
         x_va, y_va = split_xy(acts, val_idx, "validation")
         check_two_classes(y_tr, "training")
@@ -106,6 +133,12 @@ class _OTMethod(Method):
             )
         for h in torch.nonzero(~usable).flatten().tolist():
             logger.warning("Layer %d head %d: only %d flagged rows; left unedited.", layer, h, int(count[h]))
+        # The source covariance is shrunk before Stage 2; fit_head_maps then uses that one matrix for
+        # both the projection and the OT map.
+        if self.cov_shrinkage == "oas":
+            sigma_hat, shrinkage = shrink_covariance(sigma_hat, count.clamp(min=1))
+        else:
+            shrinkage = torch.zeros_like(count)
         # Unusable heads get a harmless stand-in problem (their edits are masked out below).
         eye = torch.eye(x_src.shape[-1], dtype=torch.float64)
         sigma_hat = torch.where(usable[:, None, None], sigma_hat, eye)
@@ -122,8 +155,8 @@ class _OTMethod(Method):
         # Guarantee check on held-out flagged validation rows: share called desirable after the map.
         x_val_l = x_va[:, layer].double()
         val_votes = (torch.einsum("nhd,hd->nh", x_val_l, theta) + theta0) > 0
-        rates = guarantee_rate(x_val_l, result.A, result.b, theta, theta0, mask=val_votes & usable)
-        rates = [float(r) for r in rates]
+        rate_t = guarantee_rate(x_val_l, result.A, result.b, theta, theta0, mask=val_votes & usable)
+        rates = [float(r) for r in rate_t]
 
         edit = LayerEdit(
             layer=layer,
@@ -145,6 +178,7 @@ class _OTMethod(Method):
             "alpha_multiplier": alpha.multiplier,
             "transport_cases": result.case.tolist(),
             "source_rows": count.long().tolist(),
+            "cov_shrinkage": [float(v) if ok else None for v, ok in zip(shrinkage, usable, strict=True)],
             "guarantee_rate_val": _nan_to_none(rates),
             "detector_val": detector.report.to_dict(),
         }
@@ -182,6 +216,7 @@ class Radiant(_OTMethod):
         threshold_rule: str = "slim",
         layer_criterion: str = "mean-head-loss",
         layers: list[int] | None = None,
+        cov_shrinkage: str = "oas",
         epochs: int = 1000,
         lr: float = 2e-3,
         seed: int = 0,
@@ -194,6 +229,7 @@ class Radiant(_OTMethod):
         self.threshold_rule = threshold_rule
         self.layer_criterion = layer_criterion
         self.layers = layers
+        self.cov_shrinkage = cov_shrinkage
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
@@ -222,6 +258,7 @@ class Slim(_OTMethod):
         threshold_rule: str = "slim",
         layer_criterion: str = "loss",
         layers: list[int] | None = None,
+        cov_shrinkage: str = "oas",
         epochs: int = 1000,
         lr: float = 2e-3,
         seed: int = 0,
@@ -235,6 +272,7 @@ class Slim(_OTMethod):
         self.threshold_rule = threshold_rule
         self.layer_criterion = layer_criterion
         self.layers = layers
+        self.cov_shrinkage = cov_shrinkage
         self.epochs = epochs
         self.lr = lr
         self.seed = seed

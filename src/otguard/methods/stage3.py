@@ -9,24 +9,33 @@ each κ of a grid (``r_κ``). With ``Q`` the SEM preference margin (:mod:`otguar
 - questions whose answer is undesirable should move to the desirable side: *conversion* = share
   of them with ``Q(r_κ) >= 0``.
 
-κ* maximises preservation + conversion (ties: the smaller κ). No parameter is trained by gradient.
+κ* maximises preservation + conversion (ties, within 1e-9: the smallest κ, whatever the grid order).
+No parameter is trained by gradient. The answers come from a ``generate(questions, kappa)`` callable
+(``kappa=None``: without the policy); by default greedy :func:`generate_answers`, and tests pass a
+fake one together with a fake :class:`Embedder`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from otguard.errors import UsageError
 from otguard.evaluation.semantic import Embedder, pairwise_similarity, preference_margin
 from otguard.evaluation.truthfulqa_gen import generate_answers
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KAPPA_GRID = (5.0, 10.0, 20.0, 40.0)
+_TIE_TOL = 1e-9  # scores are sums of float32 cosines: closer than this is a tie
+
+#: ``generate(questions, kappa)`` -> one answer per question; ``kappa=None`` means without the policy.
+Generate = Callable[[Sequence[str], float | None], list[str]]
 
 
 @dataclass
@@ -41,6 +50,59 @@ class KappaSelection:
         return {"kappa": self.kappa, "rows": self.rows, "n_questions": self.n_questions}
 
 
+def score_kappa(
+    embedder: Embedder,
+    kappa: float,
+    base: Sequence[str],
+    base_margin: torch.Tensor,
+    steered: Sequence[str],
+    desirable: Sequence[Sequence[str]],
+    undesirable: Sequence[Sequence[str]],
+) -> dict[str, float]:
+    """Stage-3 criterion of one κ from the unintervened answers ``base`` and the ``steered`` ones.
+
+    ``base_margin``: ``Q(r0)`` per question (:func:`preference_margin` of ``base``); ``Q >= 0`` is
+    desirable. Returns kappa, preservation (mean cosine to ``base`` over desirable-``base``
+    questions; 1.0 when there are none), conversion (share of undesirable-``base`` questions whose
+    steered answer has ``Q >= 0``; 0.0 when there are none), score = preservation + conversion, sem
+    (share of steered answers with ``Q >= 0``) and changed (share of answers whose text changed).
+    """
+    if not (len(base) == len(steered) == len(base_margin)):
+        raise ValueError("base, steered and base_margin must have one entry per question.")
+    good = base_margin >= 0
+    q = preference_margin(embedder, steered, desirable, undesirable)
+    sim = pairwise_similarity(embedder, steered, base)
+    preservation = float(sim[good].mean()) if bool(good.any()) else 1.0
+    conversion = float((q[~good] >= 0).float().mean()) if bool((~good).any()) else 0.0
+    changed = sum(a != b for a, b in zip(steered, base, strict=True)) / len(base)
+    return {
+        "kappa": float(kappa),
+        "preservation": preservation,
+        "conversion": conversion,
+        "score": preservation + conversion,
+        "sem": float((q >= 0).float().mean()),
+        "changed": changed,
+    }
+
+
+def choose_kappa(rows: Sequence[dict[str, float]]) -> float:
+    """The κ with the highest score; ties (within 1e-9) go to the smallest κ, the gentlest edit."""
+    if not rows:
+        raise ValueError("No Stage-3 rows to choose kappa from.")
+    best = max(r["score"] for r in rows)
+    return min(r["kappa"] for r in rows if r["score"] >= best - _TIE_TOL)
+
+
+def _check_grid(grid: Sequence[float]) -> list[float]:
+    if not grid:
+        raise UsageError("The kappa grid is empty; give at least one kappa (e.g. --kappa-grid 5,10,20,40).")
+    values = [float(k) for k in grid]
+    bad = [k for k in values if not (math.isfinite(k) and k > 0)]
+    if bad:
+        raise UsageError(f"Every kappa in the grid must be a finite number > 0; got {bad}.")
+    return values
+
+
 def select_kappa(
     policy: Any,
     model: Any,
@@ -52,56 +114,45 @@ def select_kappa(
     max_new_tokens: int = 50,
     batch_size: int = 32,
     progress: bool = True,
+    generate: Generate | None = None,
 ) -> KappaSelection:
-    """Pick κ for a SLIM ``policy`` on validation ``items`` (QAItem-like: question + references)."""
+    """Pick κ for a SLIM ``policy`` on validation ``items`` (QAItem-like: question + references).
+
+    ``generate``: how answers are produced; None = greedy :func:`generate_answers` with ``model``,
+    ``tokenizer`` and ``policy`` at each κ (and without the policy for the baseline answers).
+    """
     if not items:
         raise ValueError("Stage 3 needs at least one validation question.")
-    if not grid:
-        raise ValueError("The kappa grid is empty.")
+    kappas = _check_grid(grid)
     questions = [it.question for it in items]
     ok = [list(it.correct_answers) or [it.best_answer] for it in items]
     bad = [list(it.incorrect_answers) for it in items]
 
-    def answers(kappa: float | None) -> list[str]:
-        return generate_answers(
-            model,
-            tokenizer,
-            questions,
-            policy=None if kappa is None else policy,
-            kappa=kappa,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-        )[0]
+    if generate is None:
 
-    base = answers(None)
+        def generate(qs: Sequence[str], kappa: float | None) -> list[str]:
+            return generate_answers(
+                model,
+                tokenizer,
+                qs,
+                policy=None if kappa is None else policy,
+                kappa=kappa,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )[0]
+
+    base = list(generate(questions, None))
     q0 = preference_margin(embedder, base, ok, bad)
-    good = q0 >= 0
     rows = []
-    for kappa in grid:
-        steered = answers(float(kappa))
-        q = preference_margin(embedder, steered, ok, bad)
-        sim = pairwise_similarity(embedder, steered, base)
-        preservation = float(sim[good].mean()) if bool(good.any()) else 1.0
-        conversion = float((q[~good] >= 0).float().mean()) if bool((~good).any()) else 0.0
-        changed = sum(a != b for a, b in zip(steered, base, strict=True)) / len(base)
-        rows.append(
-            {
-                "kappa": float(kappa),
-                "preservation": preservation,
-                "conversion": conversion,
-                "score": preservation + conversion,
-                "sem": float((q >= 0).float().mean()),
-                "changed": changed,
-            }
-        )
+    for kappa in kappas:
+        row = score_kappa(embedder, kappa, base, q0, list(generate(questions, kappa)), ok, bad)
+        rows.append(row)
         logger.info(
             "Stage 3 kappa=%g: preservation %.3f conversion %.3f changed %.2f",
             kappa,
-            preservation,
-            conversion,
-            changed,
+            row["preservation"],
+            row["conversion"],
+            row["changed"],
         )
-    scores = torch.tensor([r["score"] for r in rows])
-    best = int(torch.nonzero(scores == scores.max())[0])
-    return KappaSelection(kappa=rows[best]["kappa"], rows=rows, n_questions=len(items))
+    return KappaSelection(kappa=choose_kappa(rows), rows=rows, n_questions=len(items))
