@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,18 +28,23 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from otguard.errors import DataError
-from otguard.io import atomic_dir, package_version
+from otguard.errors import DataError, UsageError
+from otguard.io import atomic_dir, package_version, remove_stale_temps
 from otguard.models import cache_dir as default_cache_dir
+from otguard.models import context_length
 from otguard.sites import ModelIdentity, find_head_sites, model_identity
 
 logger = logging.getLogger(__name__)
 
 Positions = Literal["last", "mean"]
 CACHE_FORMAT = 1
+#: Default cap on the padded tokens of one collection batch (rows x longest row): memory stays
+#: bounded whatever the text lengths, and short texts still get full batches.
+MAX_BATCH_TOKENS = 8192
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -92,16 +98,35 @@ class ActivationSet:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ActivationSet:
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save`; :class:`DataError` when it is incomplete or corrupted."""
         path = Path(directory)
         tensor_file, meta_file = path / "activations.safetensors", path / "meta.json"
         if not tensor_file.is_file() or not meta_file.is_file():
             raise DataError(
                 f"{path} is not an activation folder (needs activations.safetensors and meta.json)."
             )
-        tensors = load_file(str(tensor_file))
-        meta = json.loads(meta_file.read_text())
-        return cls(tensors["acts"], tensors["labels"], tensors["groups"], meta)
+        try:
+            tensors = load_file(str(tensor_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DataError(
+                f"{tensor_file} cannot be read ({exc}); the file is truncated or corrupted."
+            ) from exc
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{meta_file} cannot be read as JSON ({exc}); the folder is corrupted.") from exc
+        missing = sorted({"acts", "labels", "groups"} - set(tensors))
+        if missing or not isinstance(meta, dict):
+            what = f"misses the tensors {missing}" if missing else "has a meta.json that is not an object"
+            raise DataError(f"{path} {what}; the folder is corrupted.")
+        acts, labels, groups = tensors["acts"], tensors["labels"], tensors["groups"]
+        n = acts.shape[0] if acts.dim() == 4 else -1
+        if n < 0 or tuple(labels.shape) != (n,) or tuple(groups.shape) != (n,):
+            raise DataError(
+                f"{tensor_file}: inconsistent shapes acts {tuple(acts.shape)}, labels {tuple(labels.shape)}, "
+                f"groups {tuple(groups.shape)}; the folder is corrupted."
+            )
+        return cls(acts, labels, groups, meta)
 
 
 def _as_dataset(data: Any) -> tuple[list[str], np.ndarray, np.ndarray, str, str]:
@@ -177,6 +202,7 @@ def collect(
     batch_size: int = 16,
     dtype: str = "float16",
     max_length: int | None = None,
+    max_batch_tokens: int | None = MAX_BATCH_TOKENS,
     cache: bool | str | os.PathLike[str] = True,
     progress: bool = True,
 ) -> ActivationSet:
@@ -186,28 +212,53 @@ def collect(
     (the last real token, the papers' choice) or ``"mean"`` (mean over real tokens). ``dtype``:
     storage dtype (``"float16"`` halves memory; probes compute in float32). ``cache``: ``True``
     for the default cache folder, a path, or ``False``.
+
+    Texts longer than the model's context are refused unless ``max_length`` is given: then every
+    text is cut to its first ``max_length`` tokens, with a warning naming how many were cut.
+    ``max_batch_tokens`` caps the padded tokens of a batch (rows x longest row), so long texts run in
+    small batches (a text longer than the cap runs alone); ``None`` = rows only. Results do not
+    depend on it. A cache entry that cannot be read is reported, removed and recomputed.
     """
     if positions not in ("last", "mean"):
-        raise ValueError(f"positions must be 'last' or 'mean', got {positions!r}.")
+        raise UsageError(f"positions must be 'last' or 'mean', got {positions!r}.")
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise UsageError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
+        raise UsageError(f"max_length must be an integer >= 1 or None, got {max_length!r}.")
+    if max_batch_tokens is not None and (
+        isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+    ):
+        raise UsageError(f"max_batch_tokens must be an integer >= 1 or None, got {max_batch_tokens!r}.")
     texts, labels, groups, name, data_fp = _as_dataset(data)
     if not texts:
         raise DataError("collect() got no texts.")
     sites = find_head_sites(model)
+    context = context_length(model)
+    if max_length is not None and context is not None and max_length > context:
+        raise UsageError(
+            f"max_length {max_length} is longer than the model's context of {context} tokens; use at most "
+            f"{context}."
+        )
     identity = model_identity(model, sites)
     key = cache_key(identity, data_fp, positions, dtype, max_length)
     cache_path: Path | None = None
     if cache:
         root = default_cache_dir(None if cache is True else cache)
         cache_path = root / "activations" / key
-        if (cache_path / "meta.json").is_file():
+        remove_stale_temps(cache_path.parent)
+        cached = _load_cached(cache_path, len(texts), sites)
+        if cached is not None:
             logger.info("Activations for %s loaded from cache %s", name, cache_path)
-            return ActivationSet.load(cache_path)
+            return cached
 
-    acts = _run(model, tokenizer, sites, texts, positions, batch_size, _DTYPES[dtype], max_length, progress)
+    encoded = _encode(tokenizer, texts, max_length, context)
+    acts = _run(
+        model, tokenizer, sites, encoded, positions, batch_size, _DTYPES[dtype], max_batch_tokens, progress
+    )
     meta = {
         "model": identity.to_dict(),
         "model_fingerprint": identity.fingerprint(),
@@ -226,24 +277,84 @@ def collect(
     return result
 
 
+def _load_cached(path: Path, n_texts: int, sites: Any) -> ActivationSet | None:
+    """The cache entry at ``path`` if it is complete and readable; a broken one is reported and removed."""
+    if not path.exists():
+        return None
+    try:
+        cached = ActivationSet.load(path)
+        want = (n_texts, sites.n_layers, sites.n_heads, sites.head_dim)
+        if tuple(cached.acts.shape) != want:
+            raise DataError(f"it holds activations of shape {tuple(cached.acts.shape)}, expected {want}")
+    except DataError as exc:
+        logger.warning("The cached activations at %s are unusable (%s); removing them and collecting again.",
+                       path, exc)  # fmt: skip
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return cached
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int | None, context: int | None) -> list[list[int]]:
+    """Token ids of every text; too long ones are refused, or cut to ``max_length`` with a warning."""
+    encoded = [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    empty = [i for i, ids in enumerate(encoded) if len(ids) == 0]
+    if empty:
+        raise DataError(
+            f"Text {empty[0]} tokenized to zero tokens ({len(empty)} such texts); remove empty texts."
+        )
+    limit = max_length if max_length is not None else context
+    long = [i for i, ids in enumerate(encoded) if limit is not None and len(ids) > limit]
+    if not long:
+        return encoded
+    worst = max(long, key=lambda i: len(encoded[i]))
+    if max_length is None:
+        raise DataError(
+            f"{len(long)} text(s) are longer than the model's context of {context} tokens (text {worst}: "
+            f"{len(encoded[worst])} tokens, {texts[worst][:40]!r}...). Shorten them, or cut every text to "
+            f"its first N tokens (command line: --max-length N; Python: max_length=N) with N <= {context}."
+        )
+    longest = len(encoded[worst])
+    cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
+    for i, ids in zip(long, cut["input_ids"], strict=True):
+        encoded[i] = list(ids)
+    logger.warning(
+        "Cut %d of %d texts to their first %d tokens (the longest had %d); their activations are those of "
+        "the cut text.",
+        len(long),
+        len(texts),
+        max_length,
+        longest,
+    )
+    return encoded
+
+
+def _batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
+    """Row indices per batch, longest texts first; each batch has at most ``batch_size`` rows and
+    ``max_batch_tokens`` padded tokens (a text longer than that runs alone)."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        rows = (
+            batch_size if max_batch_tokens is None else max(1, min(batch_size, max_batch_tokens // longest))
+        )
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
 def _run(
     model: Any,
     tokenizer: Any,
     sites: Any,
-    texts: list[str],
+    encoded: list[list[int]],
     positions: str,
     batch_size: int,
     out_dtype: torch.dtype,
-    max_length: int | None,
+    max_batch_tokens: int | None,
     progress: bool,
 ) -> torch.Tensor:
-    N, L, H, d = len(texts), sites.n_layers, sites.n_heads, sites.head_dim
-    encoded = tokenizer(
-        texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length
-    )["input_ids"]
-    if any(len(ids) == 0 for ids in encoded):
-        raise DataError("A text tokenized to zero tokens; remove empty texts.")
-    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+    N, L, H, d = len(encoded), sites.n_layers, sites.n_heads, sites.head_dim
     out = torch.empty((N, L, H, d), dtype=out_dtype)
     base = getattr(model, "base_model", model)
     device = next(model.parameters()).device
@@ -268,8 +379,7 @@ def _run(
             stack.callback(handle.remove)
         bar = tqdm(total=N, desc="collect", unit="text", disable=not progress)
         stack.callback(bar.close)
-        for start in range(0, N, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _batches([len(ids) for ids in encoded], batch_size, max_batch_tokens):
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             input_ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)

@@ -42,7 +42,7 @@ STALE_HOURS = 24.0
 
 _TEMP_RE = re.compile(r"^\.otguard-(?:tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}\.")
 # Names of temps written before this module existed (mkdtemp/mkstemp): no owner pid, so age decides.
-_LEGACY_TEMP_RE = re.compile(r"^\..+(?:\.tmp-[A-Za-z0-9_]{8}|\.old-\d+|\.[A-Za-z0-9_]{8}\.tmp)$")
+_LEGACY_TEMP_RE = re.compile(r"^\..*(?:\.tmp-[A-Za-z0-9_]{8}|\.old-\d+|\.[A-Za-z0-9_]{8}\.tmp)$")
 # Files that identify an output kind written before the marker existed.
 _KIND_FILES = {
     "policy": {"policy.json", "tensors.safetensors"},
@@ -58,11 +58,20 @@ def package_version() -> str:
         return FALLBACK_VERSION
 
 
-def file_mode() -> int:
-    """The mode ``open()`` gives a new file: ``0o666`` minus the process umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: ``0o777`` minus the process umask."""
+    return 0o777 & ~_umask()
 
 
 def _host_tag() -> str:
@@ -93,12 +102,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_temps(folder: str | os.PathLike[str], max_age_hours: float = STALE_HOURS) -> list[Path]:
+def remove_stale_temps(
+    folder: str | os.PathLike[str],
+    max_age_hours: float = STALE_HOURS,
+    *,
+    legacy: re.Pattern[str] | None = None,
+) -> list[Path]:
     """Remove the temps that dead writers left in ``folder``; returns what was removed.
 
     A temp of this host is stale as soon as its owner pid is dead; a temp of another host (a
     shared file system) or one in the pre-marker naming (no pid) once it is older than
-    ``max_age_hours``. Temps of live writers are never touched.
+    ``max_age_hours``. Temps of live writers are never touched. ``legacy``: one more name pattern
+    of old, pid-less temps in this folder (removed by age, like the built-in old names).
     """
     root = Path(folder)
     try:
@@ -108,8 +123,11 @@ def remove_stale_temps(folder: str | os.PathLike[str], max_age_hours: float = ST
     host, now, removed = _host_tag(), time.time(), []
     for entry in entries:
         match = _TEMP_RE.match(entry.name)
-        legacy = match is None and _LEGACY_TEMP_RE.match(entry.name) is not None
-        if match is None and not legacy:
+        old_name = match is None and (
+            _LEGACY_TEMP_RE.match(entry.name) is not None
+            or (legacy is not None and legacy.match(entry.name) is not None)
+        )
+        if match is None and not old_name:
             continue
         try:
             age_h = (now - entry.lstat().st_mtime) / 3600.0
@@ -130,7 +148,9 @@ def remove_stale_temps(folder: str | os.PathLike[str], max_age_hours: float = ST
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file + ``os.replace``: readers never see half a file."""
-    target = Path(path)
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise OutputDirError(f"{target} is a folder; cannot write a file there.")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
     tmp = target.with_name(temp_name(target.name))
@@ -145,6 +165,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (read in chunks: tensor files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
@@ -176,9 +205,43 @@ def output_kind(directory: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _usual_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` the modes of :func:`file_mode` / its folder twin.
+
+    Some writers create private files (safetensors' ``save_file`` makes 0600), which would make a
+    policy unreadable to the rest of a team; otguard outputs are as readable as any new file.
+    """
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dmode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, fmode)
+
+
+def _conflicts(src: Path, dst: Path) -> list[Path]:
+    """Entries of ``dst`` that the merge of ``src`` would have to delete (a file where a folder
+    goes or a folder where a file goes): a user's data is never removed to make room."""
+    out: list[Path] = []
+    for entry in src.iterdir():
+        dest = dst / entry.name
+        if not (dest.exists() or dest.is_symlink()):
+            continue
+        src_dir, dest_dir = entry.is_dir(), dest.is_dir() and not dest.is_symlink()
+        if src_dir and dest_dir:
+            out.extend(_conflicts(entry, dest))
+        elif src_dir != dest_dir:
+            out.append(dest)
+    return out
+
+
 def _merge_into(src: Path, dst: Path) -> None:
     """Move every entry of ``src`` into the existing folder ``dst``; data files before JSON files
-    (which index them) and the marker last. Entries of ``dst`` not in ``src`` stay."""
+    (which index them) and the marker last. Entries of ``dst`` not in ``src`` stay; same-named
+    files are replaced (each by one atomic rename)."""
 
     def order(p: Path) -> tuple[int, str]:
         return (2 if p.name == MARKER else 1 if p.suffix == ".json" else 0, p.name)
@@ -189,8 +252,6 @@ def _merge_into(src: Path, dst: Path) -> None:
             _merge_into(entry, dest)
             entry.rmdir()
         else:
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)  # an otguard-written file replaces a same-named folder
             os.replace(entry, dest)
 
 
@@ -198,27 +259,49 @@ def _merge_into(src: Path, dst: Path) -> None:
 def atomic_dir(target: str | os.PathLike[str], *, kind: str | None = None) -> Iterator[Path]:
     """Write a folder atomically: ``with atomic_dir(path) as tmp: ...write into tmp...``.
 
-    The temp folder sits next to ``target``. On success a missing ``target`` is created by one
-    rename; an existing one receives the new files (replacing same-named ones) and keeps all its
-    other files. On an exception the temp folder is removed and ``target`` is untouched. With
-    ``kind``, the folder is marked as an otguard output of that kind.
+    A missing ``target`` is written in a temp folder next to it and created by one rename. An
+    existing one (``.`` included) gets the temp folder inside it; on success the new files are
+    moved in (replacing same-named files, one rename each) and every other file is kept. On an
+    exception the temp folder is removed and ``target`` is untouched. With ``kind``, the folder is
+    marked as an otguard output of that kind.
     """
     dest = Path(target).expanduser().resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest.parent)
-    tmp = dest.with_name(temp_name(dest.name))
+    if dest.exists() and not dest.is_dir():
+        raise OutputDirError(f"{dest} exists and is not a folder; choose another output path.")
+    existing = dest.is_dir()
+    if existing:
+        remove_stale_temps(dest)
+        tmp = dest / temp_name("new")
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest.parent)
+        tmp = dest.with_name(temp_name(dest.name))
     os.mkdir(tmp, 0o777)  # the umask applies, unlike mkdtemp's 0700
     try:
         yield tmp
         if kind is not None:
             (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+        _usual_modes(tmp)
         if dest.is_dir():
+            clash = _conflicts(tmp, dest)
+            if clash:
+                raise OutputDirError(
+                    f"{dest} holds {', '.join(str(c.relative_to(dest)) for c in clash[:4])} where otguard "
+                    "writes a file (or a folder) of that name; nothing was written. Move it away or "
+                    "choose another output folder."
+                )
             _merge_into(tmp, dest)
             tmp.rmdir()
         else:
             if dest.exists() or dest.is_symlink():
                 raise OutputDirError(f"{dest} exists and is not a folder; choose another output path.")
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # a concurrent writer created it: merge instead
+                    raise
+                _merge_into(tmp, dest)
+                tmp.rmdir()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

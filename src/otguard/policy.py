@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from otguard.errors import PolicyError
 from otguard.hook import PolicyHandle
-from otguard.io import atomic_dir, package_version
+from otguard.io import atomic_dir, package_version, sha256_file
 from otguard.sites import ModelIdentity, find_head_sites, model_identity
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ EditRule = Literal["replace", "kappa-p", "shift"]
 Scope = Literal["generation", "answer", "all"]
 _RULES = ("replace", "kappa-p", "shift")
 _SCOPES = ("generation", "answer", "all")
+TENSORS_FILE = "tensors.safetensors"
+SPEC_FILE = "policy.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -118,10 +123,19 @@ class Policy:
         tensors: dict[str, torch.Tensor] = {}
         for edit in self.layers:
             tensors.update(edit.tensors())
+        bad = _non_finite(tensors)
+        if bad:
+            raise PolicyError(
+                f"Cannot save this policy: {', '.join(bad)} hold NaN or infinite values (a failed fit); "
+                "refit it."
+            )
+        if not math.isfinite(self.kappa):
+            raise PolicyError(f"Cannot save this policy: kappa is {self.kappa}; use a finite strength.")
         with atomic_dir(Path(directory), kind="policy") as tmp:
-            save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "otguard-policy"})
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "otguard-policy"})
+            spec["tensors_sha256"] = sha256_file(tmp / TENSORS_FILE)
             text = json.dumps(spec, indent=2, sort_keys=True, default=_json_default)
-            (tmp / "policy.json").write_text(text)
+            (tmp / SPEC_FILE).write_text(text + "\n", encoding="utf-8")
         return Path(directory)
 
     @classmethod
@@ -138,33 +152,35 @@ class Policy:
         module's device and dtype, so a policy fitted on one machine/device works on another.
         """
         path = Path(directory)
-        spec_file, tensor_file = path / "policy.json", path / "tensors.safetensors"
-        if not spec_file.is_file() or not tensor_file.is_file():
-            raise PolicyError(
-                f"{path} is not a policy folder: it needs policy.json and tensors.safetensors "
-                "(written by Policy.save / `otguard fit --out`)."
-            )
-        try:
-            spec = json.loads(spec_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PolicyError(
-                f"{spec_file} is not valid JSON ({exc}); the policy is corrupted, refit it."
-            ) from exc
-        if not isinstance(spec, dict):
-            raise PolicyError(f"{spec_file} does not hold a JSON object; the policy is corrupted, refit it.")
-        version = spec.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PolicyError(
-                f"{spec_file} has format_version {version!r}; this otguard ({package_version()}) reads version "
-                f"{FORMAT_VERSION}. Refit the policy or install the otguard version that wrote it "
-                f"({spec.get('otguard_version', 'unknown')})."
-            )
+        spec = read_spec(path)
+        tensor_file = path / TENSORS_FILE
         try:
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise PolicyError(
                 f"{tensor_file} cannot be read ({exc}); the policy is corrupted, refit it."
             ) from exc
+        expected = spec.get("tensors_sha256")
+        if expected is None:
+            logger.warning(
+                "%s was written by an older otguard (%s) without a checksum of %s, so corruption of the "
+                "tensors cannot be detected; refit it, or re-save it from Python (Policy.load(p).save(p)) "
+                "to add one.",
+                path / SPEC_FILE,
+                spec.get("otguard_version", "unknown"),
+                TENSORS_FILE,
+            )
+        elif sha256_file(tensor_file) != expected:
+            raise PolicyError(
+                f"{tensor_file} does not match the checksum recorded in {SPEC_FILE} (tensors_sha256); the "
+                "policy is corrupted or its files come from different fits. Refit it or restore both files."
+            )
+        bad = _non_finite(tensors)
+        if bad:
+            raise PolicyError(
+                f"{tensor_file}: {', '.join(bad[:4])} hold NaN or infinite values; the policy is corrupted, "
+                "refit it."
+            )
         try:
             layers = []
             for entry in spec["layers"]:
@@ -180,20 +196,21 @@ class Policy:
                         A=tensors[pre + "A"].float() if entry["has_A"] else None,
                     )
                 )
-            policy = cls(
-                method=spec["method"],
-                rule=spec["rule"],
-                layers=layers,
-                model=ModelIdentity.from_dict(spec["model"]),
-                params=spec.get("params", {}),
-                kappa=float(spec.get("kappa", 1.0)),
-                scope=spec.get("scope", "generation"),
-                meta=spec.get("meta", {}),
-            )
         except KeyError as exc:
             raise PolicyError(
-                f"{path}: missing entry {exc} in the policy files; the policy is corrupted."
+                f"{tensor_file}: missing tensor {exc} named in {SPEC_FILE}; the policy is corrupted, "
+                "refit it."
             ) from exc
+        policy = cls(
+            method=spec["method"],
+            rule=spec["rule"],
+            layers=layers,
+            model=ModelIdentity.from_dict(spec["model"]),
+            params=spec.get("params", {}),
+            kappa=float(spec.get("kappa", 1.0)),
+            scope=spec.get("scope", "generation"),
+            meta=spec.get("meta", {}),
+        )
         if model is not None:
             policy.model.check_compatible(model_identity(model), check_weights=check_weights)
         return policy
@@ -240,3 +257,114 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"Cannot store {type(obj).__name__} in policy.json")
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors that hold a NaN or an infinity."""
+    return sorted(
+        name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
+
+
+def read_spec(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``policy.json`` of a policy folder (no tensors loaded, no model needed).
+
+    Cheap, so the CLI checks ``--policy`` before it loads a model. Raises :class:`PolicyError`
+    naming the file and what is wrong with it.
+    """
+    path = Path(directory)
+    spec_file, tensor_file = path / SPEC_FILE, path / TENSORS_FILE
+    if not spec_file.is_file() or not tensor_file.is_file():
+        raise PolicyError(
+            f"{path} is not a policy folder: it needs {SPEC_FILE} and {TENSORS_FILE} "
+            "(written by Policy.save / `otguard fit --out`)."
+        )
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyError(
+            f"{spec_file} is not valid JSON ({exc}); the policy is corrupted, refit it."
+        ) from exc
+    except OSError as exc:
+        raise PolicyError(f"{spec_file} cannot be read ({exc.strerror}).") from exc
+    if not isinstance(spec, dict):
+        raise PolicyError(f"{spec_file} does not hold a JSON object; the policy is corrupted, refit it.")
+    version = spec.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PolicyError(
+            f"{spec_file} has format_version {version!r}; this otguard ({package_version()}) reads version "
+            f"{FORMAT_VERSION}. Refit the policy or install the otguard version that wrote it "
+            f"({spec.get('otguard_version', 'unknown')})."
+        )
+    problem = _spec_problem(spec)
+    if problem:
+        raise PolicyError(f"{spec_file} is corrupted: {problem}. Refit the policy or restore the file.")
+    return spec
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _spec_problem(spec: dict[str, Any]) -> str | None:
+    """What is wrong with a ``policy.json`` object (its schema), or ``None``."""
+    required = {"method": str, "rule": str, "model": dict, "layers": list}
+    for key, kind in required.items():
+        if key not in spec:
+            return f"missing entry {key!r}"
+        if not isinstance(spec[key], kind):
+            return f"{key!r} is {type(spec[key]).__name__} {spec[key]!r:.60}, expected a JSON {_JSON[kind]}"
+    for key, kind in {"params": dict, "meta": dict, "scope": str}.items():
+        if key in spec and not isinstance(spec[key], kind):
+            return f"{key!r} is {type(spec[key]).__name__}, expected a JSON {_JSON[kind]}"
+    if spec["rule"] not in _RULES:
+        return f"'rule' is {spec['rule']!r}, expected one of {_RULES}"
+    if spec.get("scope", "generation") not in _SCOPES:
+        return f"'scope' is {spec['scope']!r}, expected one of {_SCOPES}"
+    if "kappa" in spec and not _is_number(spec["kappa"]):
+        return f"'kappa' is {spec['kappa']!r}, expected a finite number"
+    sha = spec.get("tensors_sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256_RE.match(sha)):
+        return f"'tensors_sha256' is {sha!r:.80}, expected 64 hex digits"
+    model = spec["model"]
+    for key in ("model_type", "name_or_path", "site"):
+        if not isinstance(model.get(key), str):
+            return f"model.{key} is {'missing' if key not in model else repr(model[key])}, expected a string"
+    for key in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_size"):
+        value = model.get(key)
+        if not _is_int(value) or value < 1:
+            got = "missing" if key not in model else repr(value)
+            return f"model.{key} is {got}, expected a positive integer"
+    signature = model.get("signature", [])
+    if not isinstance(signature, list) or not all(v is None or _is_number(v) for v in signature):
+        return "model.signature must be a list of numbers"
+    if not spec["layers"] and spec.get("method") != "none":
+        return "'layers' is empty (only a 'none' policy edits no layer)"
+    seen: set[int] = set()
+    for i, entry in enumerate(spec["layers"]):
+        if not isinstance(entry, dict):
+            return f"layers[{i}] is {type(entry).__name__}, expected a JSON object"
+        for key in ("layer", "threshold", "has_A"):
+            if key not in entry:
+                return f"layers[{i}] misses {key!r} (missing entry {key!r})"
+        layer, tau = entry["layer"], entry["threshold"]
+        if not _is_int(layer) or not 0 <= layer < model["n_layers"]:
+            return f"layers[{i}].layer is {layer!r}, expected an integer in 0..{model['n_layers'] - 1}"
+        if layer in seen:
+            return f"layer {layer} appears twice in 'layers'"
+        seen.add(layer)
+        if tau is not None and (not _is_int(tau) or not 0 <= tau <= model["n_heads"] + 1):
+            return (
+                f"layers[{i}].threshold is {tau!r}, expected null or an integer vote count in "
+                f"0..{model['n_heads'] + 1}"
+            )
+        if not isinstance(entry["has_A"], bool):
+            return f"layers[{i}].has_A is {entry['has_A']!r}, expected true or false"
+    return None
+
+
+_JSON = {str: "string", dict: "object", list: "array"}

@@ -95,6 +95,22 @@ def supported_model_types() -> list[str]:
     return sorted(_SITES)
 
 
+def check_model_type(model_type: str | None) -> SiteSpec:
+    """The head site of ``model_type``; :class:`UnsupportedArchitectureError` when there is none.
+
+    Called on a model folder's ``config.json`` before the weights are loaded, and by
+    :func:`find_head_sites`.
+    """
+    spec = _SITES.get(model_type) if model_type else None
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"No head site for model_type {model_type!r}. Supported: {', '.join(supported_model_types())}. "
+            "The command line handles only these; from Python, add one with otguard.register_site("
+            f"{model_type!r}, layers='model.layers', proj='self_attn.o_proj') (the paths of this model)."
+        )
+    return spec
+
+
 def _text_config(config: Any) -> Any:
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -160,12 +176,7 @@ def find_head_sites(model: nn.Module) -> HeadSites:
             f"{type(model).__name__} has no `config`; otguard needs a Hugging Face transformers model."
         )
     model_type = getattr(config, "model_type", None)
-    spec = _SITES.get(model_type) if model_type else None
-    if spec is None:
-        raise UnsupportedArchitectureError(
-            f"No head site for model_type {model_type!r}. Supported: {', '.join(supported_model_types())}. "
-            "Add one with otguard.register_site(model_type, layers='model.layers', proj='self_attn.o_proj')."
-        )
+    spec = check_model_type(model_type)
     layer_path = spec.layers
     layers = _get_submodule(model, layer_path)
     if layers is None and "." in layer_path:
@@ -202,7 +213,7 @@ def find_head_sites(model: nn.Module) -> HeadSites:
             )
         modules.append(proj)
     return HeadSites(
-        model_type=model_type,
+        model_type=str(model_type),
         spec=spec,
         layer_path=layer_path,
         modules=tuple(modules),
@@ -298,7 +309,8 @@ class ModelIdentity:
                 raise PolicyMismatchError(
                     f"This {what} was fitted for {self.name_or_path}; the model {other.name_or_path} has the "
                     f"same architecture ({self.shape_str()}) but different weights. Fit a {what} for this "
-                    "model, or pass check_weights=False if you know the weights are equivalent."
+                    "model, or, if you know the weights are equivalent, skip this check (command line: "
+                    "--no-check-weights; Python: check_weights=False)."
                 )
 
 

@@ -7,6 +7,7 @@ through the full causal LM, with the test's own pre-hook on the known projection
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 from pathlib import Path
@@ -270,7 +271,10 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     model = _build("llama")
     got = run(model, dataset(texts(6)), dtype="float16")
     folder = got.save(tmp_path / "acts")
-    assert sorted(p.name for p in folder.iterdir()) == ["activations.safetensors", "meta.json"]
+    # the marker says what wrote the folder, so `collect --out` may update it and `fit --out` refuses it
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [".otguard-output", "activations.safetensors", "meta.json"]
+    assert json.loads((folder / ".otguard-output").read_text()) == {"kind": "activations"}
     back = ActivationSet.load(folder)
     assert back.acts.dtype == torch.float16
     assert torch.equal(back.acts, got.acts)

@@ -44,8 +44,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     if not path.is_dir():
         raise DataFileNotFoundError(
             f"Data folder {str(path)!r} (from the {origin}) does not exist or is not a folder. "
-            f"Pass --data-dir or set {DATA_DIR_ENV} to an existing folder, or unset it to download "
-            "public data sets from the Hugging Face Hub."
+            f"Pass --data-dir (Python: data_dir=) or set {DATA_DIR_ENV} to an existing folder, or unset it "
+            "to download public data sets from the Hugging Face Hub."
         )
     return path
 
@@ -55,8 +55,8 @@ def require_file(data_dir: Path, relative: str) -> Path:
     path = data_dir / relative
     if not path.is_file():
         raise DataFileNotFoundError(
-            f"Data file {str(path)!r} not found. Pass --data-dir or set {DATA_DIR_ENV} to a folder "
-            f"containing {relative}."
+            f"Data file {str(path)!r} not found. Pass --data-dir (Python: data_dir=) or set {DATA_DIR_ENV} "
+            f"to a folder containing {relative}."
         )
     return path
 
@@ -228,15 +228,16 @@ class TextDataset:
             return
         if not len(self):
             raise DataError(
-                f"The {what} ({self.name!r}) is empty. Use more groups (raise --limit) or check the "
-                "data source."
+                f"The {what} ({self.name!r}) is empty. Use more groups (raise --limit on the command line) "
+                "or check the data source."
             )
         only = "1 (undesirable)" if n1 else "0 (desirable)"
         missing = "0 (desirable)" if n1 else "1 (undesirable)"
         raise DataError(
             f"The {what} ({self.name!r}, {len(self)} examples in {len(np.unique(self.groups))} groups) "
             f"has only label {only}; it needs examples of label {missing} too. Add such examples, check the "
-            "label column (1 = undesirable), or use more groups (raise --limit / change the split)."
+            "label column (1 = undesirable), or use more groups (raise --limit on the command line, or "
+            "change the split)."
         )
 
 
@@ -282,4 +283,6 @@ def read_csv_records(
         raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({exc}).") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc}). Save the file as UTF-8.") from exc
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror}); check its permissions.") from exc
     return header, rows

@@ -42,6 +42,8 @@ def _json_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc}). Save the file as UTF-8.") from exc
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror}); check its permissions.") from exc
     out: list[tuple[str, dict[str, Any]]] = []
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -76,8 +78,8 @@ def _table_records(path: Path, delimiter: str, required: tuple[str, ...]) -> lis
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
-            f"{path}, line 1: missing column(s) {missing} in the header {header}. Add them, or pass "
-            "text_column=/label_column= to name the right columns."
+            f"{path}, line 1: missing column(s) {missing} in the header {header}. Add them, or name the "
+            "right columns (command line: --text-column/--label-column; Python: text_column=/label_column=)."
         )
     return [(f"{path}, line {line}", row) for line, row in rows]
 
@@ -121,15 +123,16 @@ def from_file(
         for col in (text_column, label_column) + ((group_column,) if use_groups else ()):
             if col not in rec or rec[col] is None:
                 raise DataError(
-                    f"{where}: missing column {col!r}; found {sorted(map(str, rec))}. Add it, or pass "
-                    f"text_column=/label_column=/group_column= to name the right columns."
+                    f"{where}: missing column {col!r}; found {sorted(map(str, rec))}. Add it, or name the "
+                    "right columns (command line: --text-column/--label-column/--group-column; Python: "
+                    "text_column=/label_column=/group_column=)."
                 )
         text = rec[text_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: column {text_column!r} must be a non-empty string; got {text!r}.")
         labels.append(_parse_label(rec[label_column], where, label_column))
         texts.append(text)
-        if use_groups:
+        if use_groups and group_column is not None:
             g = rec[group_column]
             if isinstance(g, bool) or not isinstance(g, str | int) or (isinstance(g, str) and not g.strip()):
                 raise DataError(

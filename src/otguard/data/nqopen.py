@@ -27,8 +27,9 @@ def nqopen_items(data_dir: str | os.PathLike[str] | None = None) -> list[QAItem]
     path = resolve_data_dir(data_dir)
     if path is None:
         raise DataError(
-            f"NQ-Open is only read from a local file: pass --data-dir or set {DATA_DIR_ENV} to a folder "
-            f"containing {_CSV_FILE} (the ITI authors' iti_nq_open_val set in TruthfulQA CSV layout), or "
+            f"NQ-Open is only read from a local file: pass --data-dir (Python: data_dir=) or set "
+            f"{DATA_DIR_ENV} to a folder containing {_CSV_FILE} (the ITI authors' iti_nq_open_val set in "
+            "TruthfulQA CSV layout), or "
             "load any CSV in that layout with qa_items_from_csv(path)."
         )
     return qa_items_from_csv(require_file(path, _CSV_FILE))

@@ -23,15 +23,32 @@ DATASETS: dict[str, Callable[[str | os.PathLike[str] | None], TextDataset]] = {
 
 
 def load_dataset(
-    name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+    name_or_path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    **columns: str,
 ) -> TextDataset:
-    """A built-in data set by name (see :data:`DATASETS`), else a user file (see :func:`from_file`)."""
+    """A built-in data set by name (see :data:`DATASETS`), else a user file (see :func:`from_file`).
+
+    ``columns`` (``text_column``, ``label_column``, ``group_column``) name the columns of a user
+    file; built-in data sets have fixed columns, so passing them there is an error.
+    """
     key = str(name_or_path)
+    unknown = sorted(set(columns) - {"text_column", "label_column", "group_column"})
+    if unknown:
+        raise TypeError(f"load_dataset() got unexpected keyword arguments {unknown}.")
     if key.lower() in DATASETS:
+        if columns:
+            given = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in sorted(columns))
+            raise DataError(f"{given}: only for data files; the built-in data set {key!r} has fixed columns.")
         return DATASETS[key.lower()](data_dir)
     path = Path(key).expanduser()
+    if path.is_dir():
+        raise DataError(
+            f"{key!r} is a folder; --dataset takes a built-in name or a data file. For the folder of the "
+            "built-in data sets use --data-dir (Python: data_dir=)."
+        )
     if path.is_file():
-        return from_file(path)
+        return from_file(path, **columns)
     known = ", ".join(sorted(DATASETS))
     if path.suffix.lower() in SUPPORTED_SUFFIXES:
         raise DataFileNotFoundError(

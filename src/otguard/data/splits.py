@@ -63,8 +63,8 @@ def _split_pool(
     if n_train < 1:
         raise DataError(
             f"Too few groups in {dataset.name!r} to split: the training pool has {n_pool} group(s), and "
-            f"val_ratio={val_ratio} leaves none for training. Use more data (raise --limit) or lower "
-            "val_ratio."
+            f"val_ratio={val_ratio} leaves none for training. Use more data (raise --limit on the command "
+            "line) or lower val_ratio."
         )
     val_groups = rng.choice(pool, size=n_val, replace=False) if n_val else np.empty(0, dtype=np.int64)
     train_groups = np.setdiff1d(pool, val_groups)
@@ -103,7 +103,7 @@ def group_kfold(
     if len(present) < n_folds:
         raise DataError(
             f"{dataset.name!r} has {len(present)} group(s) but n_folds={n_folds} needs at least one per "
-            "fold. Use more data (raise --limit) or fewer folds."
+            "fold. Use more data (raise --limit on the command line) or fewer folds."
         )
     # The shuffle must not depend on the fold, or the test folds would not partition the groups.
     order = present if contiguous else np.random.default_rng(seed).permutation(present)

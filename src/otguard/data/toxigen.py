@@ -59,7 +59,7 @@ _GLUED = re.compile(r"(?<=[.!?])\s+-\s+(?=\S)")
 def _root(data_dir: str | os.PathLike[str] | None) -> Path:
     path = resolve_data_dir(data_dir)
     hint = (
-        f"pass --data-dir or set {DATA_DIR_ENV} to a folder containing toxigen/prompts/ "
+        f"pass --data-dir (Python: data_dir=) or set {DATA_DIR_ENV} to a folder containing toxigen/prompts/ "
         "(copy the prompts/ and demonstrations/ folders of GitHub microsoft/TOXIGEN into <folder>/toxigen/)"
     )
     if path is None:

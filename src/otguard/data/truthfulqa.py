@@ -37,7 +37,10 @@ HUB_DATASET = "truthfulqa/truthful_qa"
 
 _MC_FILE = "truthfulqa/mc_task.json"
 _CSV_FILE = "truthfulqa/TruthfulQA.csv"
-_HINT = f"pass --data-dir or set {DATA_DIR_ENV} to a folder containing {_MC_FILE} and {_CSV_FILE}"
+_HINT = (
+    f"pass --data-dir (Python: data_dir=) or set {DATA_DIR_ENV} to a folder containing {_MC_FILE} and "
+    f"{_CSV_FILE}"
+)
 
 
 @dataclass(frozen=True)
