@@ -10,6 +10,13 @@ medians reported; the ratio columns are medians of the per-round ratios. Both th
 process CPU time are measured: with one thread the CPU time is what the run itself costs, and it is
 much less disturbed than the wall time when other processes share the machine, so the ratios use it.
 
+Every timed policy run asserts that the hook saw (and, with this policy, edited) every position it
+must: per edited layer and row, the last prompt token and every generated token fed back, i.e.
+``layers x batch x new tokens`` (``min_new_tokens`` keeps the length fixed); the naive hook counts
+its edited positions the same way. Both counts are printed, so a hook that skips the generated
+positions (as otguard's did on transformers 5.25 before the cache-argument fix) cannot produce a
+flattering ratio.
+
     python benchmarks/generation.py [--new-tokens 40] [--reps 7] [--batch-sizes 1 8] [--layers 15]
 """
 
@@ -69,17 +76,18 @@ class NaiveHook:
     def __init__(self, policy: Policy, model) -> None:
         sites = find_head_sites(model)
         self.handles = []
+        self.positions = 0  # (row, position) pairs edited, summed over layers
         for edit in policy.layers:
             module = sites.modules[edit.layer]
             self.handles.append(module.register_forward_pre_hook(self._make(edit, sites.n_heads)))
 
-    @staticmethod
-    def _make(edit: LayerEdit, H: int) -> Callable:
+    def _make(self, edit: LayerEdit, H: int) -> Callable:
         W, w0, A, b, tau = edit.probe_weight, edit.probe_bias, edit.A, edit.b, edit.threshold
         mask = edit.head_mask
 
         def hook(module, args):
             x = args[0]
+            self.positions += x.shape[0]
             d = x.shape[-1] // H
             last = x[:, -1, :]  # (B, H*d)
             heads = [last[:, h * d : (h + 1) * d] for h in range(H)]
@@ -162,22 +170,30 @@ def main() -> None:
         enc = tok(PROMPTS[:bs], return_tensors="pt", padding=True)
         kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
               "pad_token_id": tok.pad_token_id}
+        expected = len(layers) * bs * args.new_tokens  # positions per generation, summed over layers
+        seen: dict[str, set[int]] = {"policy": set(), "naive": set()}
 
         def plain(enc=enc, kw=kw) -> torch.Tensor:
             return model.generate(**enc, **kw)
 
-        def with_policy(enc=enc, kw=kw) -> torch.Tensor:
+        def with_policy(enc=enc, kw=kw, expected=expected, seen=seen) -> torch.Tensor:
             with policy.attach(model) as handle:
                 out = model.generate(**enc, **kw)
-                assert handle.stats()["flag_rate"] == 1.0
+                stats = handle.stats()
+            seen["policy"].add(int(stats["positions"]))
+            assert stats["positions"] == expected, f"the hook saw {stats['positions']:.0f}, not {expected}"
+            assert stats["flag_rate"] == 1.0
             return out
 
-        def naive(enc=enc, kw=kw) -> torch.Tensor:
+        def naive(enc=enc, kw=kw, expected=expected, seen=seen) -> torch.Tensor:
             hook = NaiveHook(policy, model)
             try:
-                return model.generate(**enc, **kw)
+                out = model.generate(**enc, **kw)
             finally:
                 hook.remove()
+            seen["naive"].add(hook.positions)
+            assert hook.positions == expected, f"the naive hook saw {hook.positions}, not {expected}"
+            return out
 
         modes = {"plain": plain, "policy": with_policy, "naive": naive}
         with torch.no_grad():
@@ -215,6 +231,8 @@ def main() -> None:
             f"{100 * cost['policy'] * 1e-6 * calls / med['plain']:.2f}% | "
             f"{100 * cost['naive'] * 1e-6 * calls / med['plain']:.2f}% |"
         )
+        print(f"batch {bs} positions edited per generation (layers x batch x new tokens = {expected}): "
+              f"policy {sorted(seen['policy'])}, naive {sorted(seen['naive'])}")
         for label, t in (("cpu", times), ("wall", walls)):
             runs = ", ".join(f"{n} {sorted(round(v, 3) for v in t[n])}" for n in t)
             print(f"batch {bs} {label} s: {runs}")

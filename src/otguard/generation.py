@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from otguard.hook import attached
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,29 +45,27 @@ def generate_texts(
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[str]] = [[] for _ in prompts]
-    handle = policy.attach(model, scope="generation", kappa=kappa) if policy is not None else None
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            if do_sample:
-                torch.manual_seed(seed + start)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                top_p=top_p if do_sample else None,
-                top_k=0 if do_sample else None,
-                temperature=1.0 if do_sample else None,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for j, i in enumerate(idx):
-                results[i] = texts[j * num_return_sequences : (j + 1) * num_return_sequences]
+        with attached(policy, model, scope="generation", kappa=kappa):
+            for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+                idx = order[start : start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+                if do_sample:
+                    torch.manual_seed(seed + start)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    top_p=top_p if do_sample else None,
+                    top_k=0 if do_sample else None,
+                    temperature=1.0 if do_sample else None,
+                    num_return_sequences=num_return_sequences,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = out[:, enc["input_ids"].shape[1] :]
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                for j, i in enumerate(idx):
+                    results[i] = texts[j * num_return_sequences : (j + 1) * num_return_sequences]
     finally:
         tokenizer.padding_side = old_side
-        if handle is not None:
-            handle.remove()
     return results

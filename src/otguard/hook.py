@@ -2,10 +2,18 @@
 
 :meth:`otguard.policy.Policy.attach` builds a :class:`PolicyHandle`. A top-level pre-hook on the
 model tracks which absolute positions each forward call covers (from the KV cache the call is
-given); one pre-hook per edited layer, on the output projection (the per-head site, see
-:mod:`otguard.sites`), probes the heads and applies ``a + w_h * ((A - I) a + b)`` to the
-positions in scope: one product for the probe logits, a vote, one batched affine edit, no Python
-loop over heads or tokens, no host sync and no tensor built per call.
+given, under whichever name or position the model takes it: transformers' ``generate`` passes it as
+``cache=`` since the 5.2x rename, older code as ``past_key_values=``); one pre-hook per edited
+layer, on the output projection (the per-head site, see :mod:`otguard.sites`), probes the heads and
+applies ``a + w_h * ((A - I) a + b)`` to the positions in scope: one product for the probe logits,
+a vote, one batched affine edit, no Python loop over heads or tokens, no host sync and no tensor
+built per call.
+
+The probe logits, the vote and the edit are computed in float32 (float64 for a float64 model) on
+the in-scope slice of the activations, whatever the model's dtype, and the result is cast back once:
+the thresholds were set on float32 probe logits, and in bf16 a vote near the threshold can flip
+and ``(A - I) a`` can lose most of its digits when ``A`` is large. That is ``H * d`` values per
+edited token, a small copy next to the attention itself.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from otguard.decoding import CACHE_NAMES, cache_arg_index
 from otguard.errors import PolicyError
 from otguard.sites import HeadSites
 
@@ -64,10 +73,10 @@ class PolicyHandle:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         T = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
-        past = kwargs.get("past_key_values")
+        past = _call_cache(module, args, kwargs)
         past_len = 0
         if past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
+            past_len = int(past.get_seq_length())  # a host int for every transformers cache layer
         self.state.past_len = past_len
         if self.state.prompt_len is None:
             self.state.prompt_len = past_len + T
@@ -77,6 +86,7 @@ class PolicyHandle:
 
         def generate(*args: Any, **kwargs: Any) -> Any:
             self.reset()
+            self.state.prompt_len = _chunked_prompt_length(self.model, args, kwargs)
             return original(*args, **kwargs)
 
         self._orig_generate = original
@@ -170,7 +180,8 @@ def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.d
 
 def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: float, H: int,
                     handle: PolicyHandle) -> Any:
-    """Build the pre-hook of one layer; all tensors are moved to the module's device/dtype here, once.
+    """Build the pre-hook of one layer; all tensors are moved to the module's device here, once, in the
+    compute dtype (float32, or float64 for a float64 model).
 
     Per call, which positions are in scope is worked out on the host where it can be (scope
     ``"all"``, ``"generation"`` and a shared answer start: a suffix of the call's positions, the
@@ -178,20 +189,22 @@ def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: 
     scope (the prompt tokens before the last) costs nothing. Per-row answer starts use a mask.
     """
     device, dtype = _module_device_dtype(module)
+    cdtype = torch.promote_types(dtype, torch.float32)  # the gate and the edit: float32 at least
     d = int(edit.b.shape[-1])
-    W = edit.probe_weight.to(device=device, dtype=dtype)
-    w0 = edit.probe_bias.to(device=device, dtype=dtype)
-    mask = edit.head_mask.to(device=device, dtype=dtype)
-    b = edit.b.to(device=device, dtype=dtype)
+    W = edit.probe_weight.to(device=device, dtype=cdtype)
+    w0 = edit.probe_bias.to(device=device, dtype=cdtype)
+    mask = edit.head_mask.to(device=device, dtype=cdtype)
+    b = edit.b.to(device=device, dtype=cdtype)
     A_minus_I_T = None  # (H, e, d) = (A - I) transposed, for one bmm over heads
     if edit.A is not None and rule != "shift":
-        eye = torch.eye(edit.A.shape[-1], dtype=edit.A.dtype)
-        A_minus_I_T = (edit.A - eye).transpose(1, 2).contiguous().to(device=device, dtype=dtype)
+        A = edit.A.to(torch.promote_types(edit.A.dtype, cdtype))
+        eye = torch.eye(A.shape[-1], dtype=A.dtype)
+        A_minus_I_T = (A - eye).transpose(1, 2).contiguous().to(device=device, dtype=cdtype)
     gated = edit.threshold is not None
     probed = gated or rule != "shift"  # the probe logits are needed for the gate or the head votes
-    tau = int(edit.threshold) if gated else 0
+    tau = int(edit.threshold) if edit.threshold is not None else 0
     # kappa-p weight = vote * mask * kappa * p; mask * kappa folded once (vote, mask are 0/1: exact).
-    head_weight = mask * torch.tensor(kappa, device=device, dtype=dtype) if rule == "kappa-p" else mask
+    head_weight = mask * torch.tensor(kappa, device=device, dtype=cdtype) if rule == "kappa-p" else mask
     n_mask_heads = int(torch.count_nonzero(edit.head_mask))
     counter = torch.zeros(3, device=device, dtype=torch.int64)  # exact counts (float32 stops at 2**24)
     host_counter = [0, 0, 0]  # the counts known on the host without a device op
@@ -226,7 +239,7 @@ def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: 
             return None
         xs = x[:, lo:] if lo else x
         Ts = T - lo
-        xh = xs.unflatten(-1, (H, d))  # (B, Ts, H, d), a view
+        xh = xs.unflatten(-1, (H, d)).to(cdtype)  # (B, Ts, H, d): a view in float32, else one upcast copy
         if probed:
             logits = (xh * W).sum(-1) + w0
             votes = logits > 0
@@ -241,17 +254,17 @@ def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: 
         if rule == "shift":
             weight = mask
         else:
-            weight = votes.to(dtype) * head_weight
+            weight = votes.to(cdtype) * head_weight
             if rule == "kappa-p":
                 weight = weight * torch.sigmoid(logits)
         if flag is not None:
-            weight = weight * flag.unsqueeze(-1).to(dtype)
+            weight = weight * flag.unsqueeze(-1).to(cdtype)
         if A_minus_I_T is not None:
             delta = torch.bmm(xh.reshape(B * Ts, H, d).transpose(0, 1), A_minus_I_T).transpose(0, 1)
             delta = delta.view(B, Ts, H, d) + b
         else:
             delta = b
-        new = (xh + weight.unsqueeze(-1) * delta).flatten(-2)
+        new = (xh + weight.unsqueeze(-1) * delta).flatten(-2).to(dtype)  # one rounding to the model's dtype
         if lo:
             new = torch.cat((x[:, :lo], new), 1)
         # Diagnostics: positions in scope, flagged positions, edited heads (no device sync).
@@ -270,3 +283,38 @@ def _make_edit_hook(edit: LayerEdit, module: torch.nn.Module, rule: str, kappa: 
         return (new, *args[1:])
 
     return hook
+
+
+def _call_cache(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward call was given: ``cache=`` (transformers >= 5.2x, ``generate`` included),
+    ``past_key_values=`` (the deprecated name, still accepted), or positionally."""
+    for name in CACHE_NAMES:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    index = cache_arg_index(model)
+    if index is not None and index < len(args):
+        return args[index]
+    return None
+
+
+def _chunked_prompt_length(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The prompt length of a ``generate`` call whose prefill runs in chunks, else None.
+
+    Without chunks the first forward call is the whole prompt (or its uncached part), which tells
+    the hooks the prompt length; with ``prefill_chunk_size`` it is only the first chunk, so the
+    length is read from the inputs: the embeddings, else the longer of the ids and the attention
+    mask (a mask longer than the ids means that only the new tokens were passed, after a cache).
+    """
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if not kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
+        return None
+    embeds = kwargs.get("inputs_embeds")
+    if torch.is_tensor(embeds) and embeds.dim() == 3:
+        return int(embeds.shape[1])
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if not torch.is_tensor(ids) or ids.dim() != 2:
+        return None
+    mask = kwargs.get("attention_mask")
+    mask_len = int(mask.shape[-1]) if torch.is_tensor(mask) and mask.dim() == 2 else 0
+    return max(int(ids.shape[1]), mask_len)

@@ -18,13 +18,15 @@ and, if the row is flagged and the position is in scope, edits head ``h``:
 positions ``>= start[i]`` (no edit before :meth:`ExplicitPolicy.set_answer_start`); ``"all"`` edits
 every position.
 
-The past length is read from the cache the model is called with (0 without one); the prompt length
-is the length of the first forward call after :meth:`ExplicitPolicy.reset` (or set explicitly), so
-call ``reset()`` before each ``generate``.
+The past length is read from the cache the model is called with (0 without one), whatever the call
+names it: ``cache=`` (transformers' ``generate`` since the 5.2x rename), ``past_key_values=`` or a
+positional argument; the prompt length is the length of the first forward call after
+:meth:`ExplicitPolicy.reset` (or set explicitly), so call ``reset()`` before each ``generate``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -86,7 +88,12 @@ class ExplicitPolicy:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         length = ids.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            names = [n for n in inspect.signature(type(module).forward).parameters if n != "self"]
+            for name in ("cache", "past_key_values"):
+                if name in names and names.index(name) < len(args):
+                    cache = args[names.index(name)]
         self.past_len = int(cache.get_seq_length()) if cache is not None else 0
         if self.prompt_len is None:
             self.prompt_len = self.past_len + length
@@ -124,7 +131,7 @@ class ExplicitPolicy:
                     if not self._in_scope(i, position):
                         continue
                     self.n_in_scope += 1
-                    heads = x[i, t].double().reshape(n_heads, -1)
+                    heads = x[i, t].double().cpu().reshape(n_heads, -1)  # float64 on the host
                     probs = []
                     votes = []
                     for h in range(n_heads):
@@ -153,7 +160,7 @@ class ExplicitPolicy:
                         else:  # kappa-p
                             new[h] = a + kappa * probs[h] * (mapped - a)
                         self.n_edited_heads += 1
-                    out[i, t] = new.reshape(-1).to(x.dtype)
+                    out[i, t] = new.reshape(-1).to(device=x.device, dtype=x.dtype)
             return (out, *args[1:])
 
         return hook

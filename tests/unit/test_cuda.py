@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,7 @@ from otguard.activations import collect
 from otguard.methods import get_method
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import model_identity
+from tests.reference.explicit_policy import ExplicitPolicy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,8 +68,62 @@ def test_collect_on_cuda_matches_cpu() -> None:
     assert torch.allclose(gpu, cpu, atol=1e-4)
 
 
+@contextmanager
+def hooks_fail_on_sync(removables: list[Any]) -> Iterator[None]:
+    """Run the given hooks (a policy handle's ``_handles``: the top-level one and each layer's) with
+    CUDA's sync debug mode set to "error", so that any host sync inside them raises; the rest of
+    ``generate`` (whose stopping criteria read a flag from the device every step) runs unchecked."""
+
+    def strict(fn: Any) -> Any:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        return hook
+
+    swapped = []
+    for removable in removables:
+        hooks = removable.hooks_dict_ref()
+        swapped.append((hooks, removable.id, hooks[removable.id]))
+        hooks[removable.id] = strict(hooks[removable.id])
+    try:
+        yield
+    finally:
+        for hooks, key, fn in swapped:
+            if key in hooks:
+                hooks[key] = fn
+
+
+def test_sync_check_catches_a_syncing_hook() -> None:
+    """The check above is live: a hook that reads a value to the host fails the call."""
+    model = tiny_llama(torch.float32)
+    ident = model_identity(model)
+    edit = LayerEdit(layer=0, probe_weight=torch.ones(4, 8), probe_bias=torch.zeros(4), threshold=None,
+                     head_mask=torch.ones(4, dtype=torch.bool), b=torch.ones(4, 8))  # fmt: skip
+    policy = Policy("test", "shift", [edit], ident, scope="all")
+    ids = torch.randint(1, 100, (2, 5), device="cuda")
+    module = model.model.layers[0].self_attn.o_proj
+    with policy.attach(model) as handle:
+        with hooks_fail_on_sync(handle._handles):
+            model(ids)  # the policy's hooks alone: no sync
+
+        def reads_to_host(mod: Any, args: tuple[Any, ...]) -> None:
+            args[0].sum().item()
+
+        syncing = module.register_forward_pre_hook(reads_to_host)
+        try:
+            checked = [*handle._handles, syncing]
+            with hooks_fail_on_sync(checked), pytest.raises(RuntimeError, match="synchroniz"):
+                model(ids)
+        finally:
+            syncing.remove()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_policy_hook_runs_in_half_precision_without_host_sync(dtype: torch.dtype) -> None:
+def test_policy_hook_in_generate_half_precision_without_host_sync(dtype: torch.dtype) -> None:
     model = tiny_llama(dtype)
     ident = model_identity(model)
     g = torch.Generator().manual_seed(0)
@@ -80,24 +139,49 @@ def test_policy_hook_runs_in_half_precision_without_host_sync(dtype: torch.dtype
     )
     policy = Policy("test", "kappa-p", [edit], ident, kappa=2.0)
     ids = torch.randint(1, 100, (3, 7), device="cuda")
-    plain = model(ids).logits
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    plain_logits = model(ids).logits
+    plain = model.generate(ids, **kw)
     with policy.attach(model) as handle:
-        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the hook raises
-        try:
-            out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
-        except RuntimeError as exc:  # generate itself may sync (stopping criteria); retry without the check
-            torch.cuda.set_sync_debug_mode(0)
-            if "synchroniz" not in str(exc):
-                raise
-            out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        edited = model(ids).logits
+        assert len(handle._handles) == 1 + len(policy.layers)  # the top-level hook and the layer's
+        with hooks_fail_on_sync(handle._handles):
+            out = model.generate(ids, **kw)
         stats = handle.stats()
+    with ExplicitPolicy(policy, model) as ref:
+        want = model.generate(ids, **kw)
     assert out.shape == (3, 12)
-    assert torch.isfinite(edited).all()
-    assert stats["flag_rate"] > 0
-    assert torch.equal(model(ids).logits, plain)
+    # One edited layer x 3 rows x (the last prompt token + the 4 generated tokens fed back).
+    assert stats["positions"] == ref.n_in_scope == 3 * 5
+    assert stats["flag_rate"] == 1.0 and stats["edited_heads_per_flag"] == 4.0  # bias +5: every head votes
+    assert ref.n_flagged == 15 and ref.n_edited_heads == 60
+    assert torch.equal(out, want)
+    assert not torch.equal(out, plain)
+    assert torch.equal(model(ids).logits, plain_logits)  # detached
+
+
+@pytest.mark.parametrize("rule", ["replace", "kappa-p", "shift"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_hook_on_cuda_matches_float64_reference(dtype: torch.dtype, rule: str) -> None:
+    """As tests/unit/test_policy.py on the CPU: within one ulp of the float64 reference, same votes."""
+    from tests.unit.test_policy import (
+        assert_same_counts,
+        assert_within_one_ulp,
+        half_precision_edits,
+        random_policy,
+    )
+    from tests.unit.test_policy import tiny_llama as cpu_llama
+
+    model = cpu_llama(0)
+    policy = random_policy(model, rule=rule, scope="all", with_A=(True, True))
+    for layer_edit in policy.layers:
+        eye = torch.eye(layer_edit.A.shape[-1])
+        layer_edit.A = eye + 8 * (layer_edit.A - eye)
+    got, want, stats, ref = half_precision_edits(model, policy, dtype, device="cuda")
+    for layer in want:
+        assert got[layer].device.type == "cuda"
+        assert_within_one_ulp(got[layer], want[layer], dtype)
+    assert_same_counts(stats, ref)
+    assert 0 < ref.n_flagged < ref.n_in_scope
 
 
 def test_hook_forward_has_no_host_sync() -> None:

@@ -3,7 +3,13 @@
 Everything runs on a tiny random Llama (3 layers, 4 query heads, 2 KV heads, head dim 8) built from
 a config, plus a tiny GPT-2 for the transposed ``Conv1D`` projection. Policies are random but
 calibrated on the model's own head activations, so that the probe logits are O(1): some rows and
-positions are flagged and some are not (the tests check that both happen).
+positions are flagged and some are not (the tests check that both happen). Counts (positions in
+scope, flag rates, edited heads) are compared exactly with the explicit reference.
+
+Half precision: the hook computes the probe logits, the votes and the edit in float32 and rounds the
+result once to the model's dtype, so on a bf16/fp16 model its output equals the float64 reference
+rounded to that dtype within one unit in the last place (relative ``eps`` of the dtype: 2**-7 for
+bf16, 2**-10 for fp16), with the same votes even for logits 1e-4 from the threshold.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import otguard.policy as policy_module
+from otguard.decoding import cache_kwarg
 from otguard.errors import PolicyError, PolicyMismatchError
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import find_head_sites, model_identity
@@ -194,24 +202,26 @@ def test_hook_matches_reference_with_kv_cache(llama, rule, scope):
     def run(handle) -> list[torch.Tensor]:
         if scope == "answer":
             handle.set_answer_start(torch.tensor([6, 7, 9]))
-        cache = DynamicCache()
+        cache = {cache_kwarg(llama): DynamicCache()}
         am = mask
-        outs = [llama(input_ids=ids, attention_mask=am, past_key_values=cache, use_cache=True).logits]
+        outs = [llama(input_ids=ids, attention_mask=am, **cache, use_cache=True).logits]
         for t in range(steps.shape[1]):
             am = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
             step = steps[:, t : t + 1]
-            out = llama(input_ids=step, attention_mask=am, past_key_values=cache, use_cache=True)
+            out = llama(input_ids=step, attention_mask=am, **cache, use_cache=True)
             outs.append(out.logits)
         return outs
 
     with torch.no_grad():
         with policy.attach(llama) as handle:
             got = run(handle)
+            stats = handle.stats()
         with ExplicitPolicy(policy, llama) as ref:
             want = run(ref)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=1e-4)
     assert 0 < ref.n_flagged < ref.n_in_scope
+    assert_same_counts(stats, ref)
 
 
 def test_gpt2_hook_matches_reference():
@@ -273,8 +283,8 @@ def test_generation_batched_cache_and_reference_agree(llama, rule):
     assert not torch.equal(plain, batched), "the policy did not change the generations"
     # Scope "generation": the last prompt token and every generated one except the last (never fed back).
     assert stats["positions"] == 2 * len(PROMPTS) * GEN["max_new_tokens"]
-    assert 0.0 < stats["flag_rate"] < 1.0
     assert 0 < ref.n_flagged < ref.n_in_scope
+    assert_same_counts(stats, ref)
 
 
 def test_plain_output_restored_after_remove_and_exception(llama):
@@ -340,7 +350,10 @@ def test_stats_always_flag_policy(llama):
     with gated.attach(llama) as handle:
         logits_of(llama, ids, mask)
         stats = handle.stats()
-    assert 0.0 <= stats["flag_rate"] <= 1.0
+    with ExplicitPolicy(gated, llama) as ref:
+        logits_of(llama, ids, mask)
+    assert 0 < ref.n_flagged < ref.n_in_scope == 2 * ids.numel()
+    assert_same_counts(stats, ref)
 
 
 def test_answer_scope_without_start_is_a_no_op(llama):
@@ -406,6 +419,8 @@ def test_save_load_round_trip(llama, tmp_path):
 
 
 def test_load_onto_bfloat16_model(llama, tmp_path):
+    """Whole-model logits in bf16 with the loaded policy: the explicit reference's within one bf16 ulp
+    of the largest logit (the edits agree to an ulp, see below; a bf16 gate and edit miss by more)."""
     policy = random_policy(llama, rule="replace", scope="all")
     policy.save(tmp_path / "p")
     model16 = copy.deepcopy(llama).to(torch.bfloat16)
@@ -414,9 +429,90 @@ def test_load_onto_bfloat16_model(llama, tmp_path):
     plain = logits_of(model16, ids, mask)
     with loaded.attach(model16) as handle:
         out = logits_of(model16, ids, mask)
-        assert handle.stats()["flag_rate"] > 0
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        stats = handle.stats()
+    with ExplicitPolicy(policy, model16) as ref:
+        want = logits_of(model16, ids, mask)
+    assert out.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * float(want.float().abs().max())
+    torch.testing.assert_close(out.float(), want.float(), atol=ulp, rtol=0)
+    assert_same_counts(stats, ref)
+    assert 0 < ref.n_flagged < ref.n_in_scope
     assert not torch.equal(out, plain)
+
+
+def half_precision_edits(model, policy: Policy, dtype: torch.dtype, device: str = "cpu"):
+    """The edited inputs of each edited layer's output projection, hook vs explicit reference.
+
+    ``model`` is copied to ``dtype`` on ``device``; both hooks edit the same ``dtype`` activations (the
+    model's own, on a left-padded batch). A probe bias per head is moved so that one logit of that
+    head is +1e-4: a vote a bf16/fp16 gate gets wrong, and a float32 one gets right. Returns
+    ``(got, want, stats, ref)``: ``{layer: (B, T, H*d)}`` twice, the handle's stats, the reference.
+    """
+    model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    policy = copy.deepcopy(policy)
+    sites = find_head_sites(model)
+    H, d = sites.n_heads, sites.head_dim
+    ids, mask = (t.to(device) for t in batch("left", 3, length=12))
+    inputs: dict[int, torch.Tensor] = {}
+    grabs = [sites.modules[e.layer].register_forward_pre_hook(
+        lambda mod, args, layer=e.layer: inputs.__setitem__(layer, args[0].detach().clone()))
+        for e in policy.layers]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for g in grabs:
+        g.remove()
+    for edit in policy.layers:
+        x = inputs[edit.layer].reshape(-1, H, d).double().cpu()
+        z = torch.einsum("nhd,hd->nh", x, edit.probe_weight.double()) + edit.probe_bias.double()
+        near = torch.arange(H) * 7 % x.shape[0]  # one position per head
+        edit.probe_bias = (edit.probe_bias.double() - z[near, torch.arange(H)] + 1e-4).float()
+
+    def edited(owner: Any) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        with owner, torch.no_grad():
+            for edit in policy.layers:
+                module = sites.modules[edit.layer]
+                grab = module.register_forward_pre_hook(  # registered last: sees the edited input
+                    lambda mod, args, layer=edit.layer: out.__setitem__(layer, args[0].detach().clone()))
+                module(inputs[edit.layer])
+                grab.remove()
+        return out
+
+    handle = policy.attach(model, scope="all")
+    got = edited(handle)
+    ref = ExplicitPolicy(policy, model, scope="all")
+    want = edited(ref)
+    return got, want, handle.stats(), ref
+
+
+def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """``|got - want| <= eps(dtype) * |want|`` elementwise (one unit in the last place; 1e-6 near 0)."""
+    assert got.dtype == want.dtype == dtype
+    g, w = got.double().cpu(), want.double().cpu()
+    bad = (g - w).abs() > torch.finfo(dtype).eps * w.abs() + 1e-6
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} values differ by more than one ulp"
+
+
+def assert_same_counts(stats: dict[str, float], ref: ExplicitPolicy) -> None:
+    """The handle's statistics are the reference's counts (votes and flags identical, not close)."""
+    assert stats["positions"] == ref.n_in_scope
+    assert stats["flag_rate"] == (ref.n_flagged / ref.n_in_scope if ref.n_in_scope else 0.0)
+    assert stats["edited_heads_per_flag"] == (ref.n_edited_heads / ref.n_flagged if ref.n_flagged else 0.0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_hook_matches_float64_reference(llama, dtype, rule):
+    """A large ``A`` (``A - I`` ~ 3, as from a near-singular covariance) and near-threshold logits."""
+    policy = random_policy(llama, rule=rule, scope="all", with_A=(True, True))
+    for edit in policy.layers:
+        eye = torch.eye(edit.A.shape[-1])
+        edit.A = eye + 8 * (edit.A - eye)
+    got, want, stats, ref = half_precision_edits(llama, policy, dtype)
+    for layer in want:
+        assert_within_one_ulp(got[layer], want[layer], dtype)
+    assert_same_counts(stats, ref)
+    assert 0 < ref.n_flagged < ref.n_in_scope
 
 
 @pytest.fixture

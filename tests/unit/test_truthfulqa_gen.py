@@ -73,17 +73,22 @@ def test_row_dropping_decoder_equals_generate(kind: str, with_policy: bool) -> N
 
 
 def test_decode_stops_rows_and_respects_the_limit() -> None:
+    """One row ends at its first EOS (and leaves the batch), the other runs to the limit; both exactly
+    as greedy ``model.generate`` without EOS, cut after the first EOS."""
     tok = gpt2_style()
     model = _model("gpt2", tok, seed=1)
-    eos = _early_token(model, tok)
     tok.padding_side = "left"
     enc = tok(["Q: Where is Paris?\nA:", "Q: What is 1 + 1?\nA:"], return_tensors="pt", padding=True)
+    model.generation_config.eos_token_id = None
+    full = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    free = full[:, enc["input_ids"].shape[1] :].tolist()
+    # EOS: a token that row 1 writes first at step k >= 1 and row 0 never writes.
+    k = next(i for i in range(1, 4) if free[1][i] not in free[1][:i] and free[1][i] not in free[0])
+    eos = free[1][k]
     rows = decode(model, tok, enc["input_ids"], enc["attention_mask"], None, max_new_tokens=5,
-                         stop_strings=(), eos_token_ids=[eos])  # fmt: skip
-    for row in rows:
-        assert 1 <= len(row) <= 5
-        assert eos not in row[:-1]  # a row stops at its first EOS
-        assert row[-1] == eos or len(row) == 5
+                  stop_strings=(), eos_token_ids=[eos])  # fmt: skip
+    assert rows == [free[0], free[1][: k + 1]]
+    assert len(rows[0]) == 5 and rows[1][-1] == eos
 
 
 def test_finished_detects_stop_strings_split_across_tokens() -> None:

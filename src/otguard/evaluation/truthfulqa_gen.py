@@ -80,10 +80,11 @@ def generate_answers(
         logger.warning("Tokenizer merges across the prompt prefix; generating without the prefix cache.")
         from otguard.generation import generate_texts
 
-        raw = [t[0] for t in generate_texts(model, tokenizer, [prefix + s for s in suffixes], policy=policy,
-                                            kappa=kappa, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                            progress=progress)]  # fmt: skip
-        return [postprocess_answer(r) for r in raw], raw
+        texts = generate_texts(model, tokenizer, [prefix + s for s in suffixes], policy=policy,
+                               kappa=kappa, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress)  # fmt: skip
+        whole = [t[0] for t in texts]
+        return [postprocess_answer(r) for r in whole], whole
 
     P = len(prefix_ids)
     prefix_t = torch.tensor([prefix_ids], device=device)
