@@ -44,9 +44,17 @@ class ResultsError(OtguardError, ValueError):
     """A ``results.json`` file is malformed or of an unknown format version."""
 
 
+class ConfigError(OtguardError, ValueError):
+    """An invalid run configuration (unknown dataset or method, folds < 2...), found before model work."""
+
+
 class NotFittedError(OtguardError, RuntimeError):
     """An estimator was used before ``fit``."""
 
 
 class SolverError(OtguardError, ArithmeticError):
     """The Stage-2 transport problem could not be solved (invalid probe, non-finite input...)."""
+
+
+class UsageError(OtguardError, ValueError):
+    """An argument has a value otguard cannot use (``--limit 0``, an empty prompt, a missing device)."""

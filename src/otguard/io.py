@@ -47,6 +47,9 @@ _LEGACY_TEMP_RE = re.compile(r"^\..*(?:\.tmp-[A-Za-z0-9_]{8}|\.old-\d+|\.[A-Za-z
 _KIND_FILES = {
     "policy": {"policy.json", "tensors.safetensors"},
     "activations": {"activations.safetensors", "meta.json"},
+    # otguard compare folders written before the marker (results, CSV, report and its plots)
+    "compare": {"results.json", "answers.csv", "continuations.csv", "report.md", "report.html",
+                "detector.png", "tradeoff.png", "flags.png"},  # fmt: skip
 }
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from otguard.errors import DataFileNotFoundError, ResultsError
+from otguard.io import atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -121,7 +122,7 @@ class MetricSummary:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> MetricSummary:
-        """Summary of per-fold values: mean and population std over the finite ones (NaN folds kept as None)."""
+        """Summary of per-fold values: mean and population std over the finite ones (NaN kept as None)."""
         vals = [float(v) for v in values]
         finite = [v for v in vals if math.isfinite(v)]
         mean = float(np.mean(finite)) if finite else float("nan")
@@ -275,7 +276,7 @@ class RunResults:
         if summary.folds is not None:
             return len(summary.folds)
         folds = self.config.get("folds")
-        return int(folds) if _is_number(folds) else 1
+        return int(folds) if isinstance(folds, int | float) and not isinstance(folds, bool) else 1
 
     # ---- serialisation -----------------------------------------------------------------------------
 
@@ -300,12 +301,7 @@ class RunResults:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Validate, then write atomically (a reader never sees half a file); returns the path."""
         self.validate()
-        # TODO(lead): switch to otguard.io.atomic_write_text once the I/O ground floor exists.
-        from otguard.report import atomic_write_bytes
-
-        out = Path(path)
-        atomic_write_bytes(out, self.to_json().encode("utf-8"))
-        return out
+        return atomic_write_text(Path(path), self.to_json())
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "Results") -> RunResults:

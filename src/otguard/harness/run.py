@@ -1,0 +1,336 @@
+"""``otguard compare``: fit every method on every fold and evaluate them side by side.
+
+For each fold (k-fold by group, validation split inside the training fold, everything seeded): fit
+each method on the fold's activations (collected once per model and reused by all methods and
+folds), measure the side effects of all policies in one pass over a seeded sample of natural text
+(CE and KL with the policy on every position, the detector's flag rate and edited heads per flagged
+position), then evaluate each policy on the fold's held-out items with the task (see
+:mod:`otguard.harness.registry` for the tasks). Transfer questions, natural-text documents and
+non-ToxiGen prompts are split across the folds like the questions (fold ``k`` uses items
+``k::folds``), so every item is evaluated once per method, with the policy of its fold.
+
+Each finished (fold, method) result is saved at once (:mod:`otguard.harness.resume`), and a rerun of
+the same configuration into the same folder resumes from them. Writes ``results.json`` (through
+:class:`otguard.results.RunResults`), the task's CSV (``answers.csv`` / ``continuations.csv``),
+``report.md`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from otguard.errors import DataError
+from otguard.harness.config import CompareConfig
+from otguard.harness.registry import task_class
+from otguard.harness.resume import PartialResult, PartialStore
+from otguard.harness.task import StageTimer, Task
+from otguard.io import atomic_write_text, package_version, prepare_output_dir, write_marker
+from otguard.results import DetectorRecord, FoldRecord, MethodResult, MetricSummary, RunResults
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from otguard.activations import ActivationSet
+    from otguard.data.splits import Split
+    from otguard.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OUTPUT_KIND", "CompareRun", "fit_policies", "run_compare", "versions", "write_csv"]
+
+#: The kind of output folder ``otguard compare`` writes (see :func:`otguard.io.prepare_output_dir`).
+OUTPUT_KIND = "compare"
+_DETECTOR_KEYS = ("fpr", "fnr", "accuracy", "f1", "threshold")
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in ``results.json``."""
+    import transformers
+
+    return {
+        "otguard": package_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV atomically (a reader never sees half a file)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def fit_policies(
+    config: CompareConfig,
+    methods: Sequence[str],
+    acts: ActivationSet,
+    split: Split,
+    task: Task,
+    progress: bool,
+) -> dict[str, Policy]:
+    """Fit ``methods`` on one fold (train rows for the probes, validation rows for threshold and layer);
+    SLIM's κ is then chosen by ``task.stage3`` unless the configuration fixes it."""
+    from otguard.methods import get_method
+
+    policies: dict[str, Policy] = {}
+    for name in methods:
+        t0 = time.time()
+        method = get_method(name)
+        valid = method.get_params()
+        params = {
+            k: v for k, v in {"seed": config.seed, **config.method_params.get(name, {})}.items() if k in valid
+        }
+        if "progress" in valid:
+            params["progress"] = progress
+        policy = method.set_params(**params).fit(acts, split.train, split.val).policy_
+        if name == "slim" and "kappa" not in config.method_params.get("slim", {}):
+            policy = task.stage3(policy)
+        policy.meta["fit_seconds"] = time.time() - t0
+        policies[name] = policy
+    return policies
+
+
+def _fold_record(fold: int, policy: Policy, seconds: float, meta: dict[str, Any]) -> FoldRecord:
+    det = policy.meta.get("detector_val")
+    detector = None
+    if det:
+        per_layer = {k: det[k] for k in _DETECTOR_KEYS if k in det}
+        detector = DetectorRecord.from_dict({"layer": policy.meta.get("layer"), "per_layer": per_layer})
+    return FoldRecord(
+        fold=fold,
+        seconds=seconds,
+        fit_seconds=policy.meta.get("fit_seconds"),
+        policy={
+            "layers": [e.layer for e in policy.layers],
+            "threshold": policy.layers[0].threshold if policy.layers else None,
+            "kappa": policy.kappa,
+            "rule": policy.rule,
+        },
+        detector=detector,
+        meta=dict(meta),
+    )
+
+
+class CompareRun:
+    """One comparison run, prepared before the model is loaded and run once it is.
+
+    ``CompareRun(config, out_dir)`` checks everything that can be checked without the model: the
+    configuration, the output folder (a non-empty folder that is not a compare output is refused
+    unless ``force``), saved results of another configuration (refused unless ``force``, which
+    discards them), the task's data, and any external judge or scorer (contacted once).
+    :meth:`run` then does the model work and writes the outputs.
+    """
+
+    def __init__(
+        self,
+        config: CompareConfig,
+        out_dir: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        progress: bool = True,
+        option: str = "out_dir",
+    ) -> None:
+        self.config = config.validate()
+        self.progress = progress
+        self.out = prepare_output_dir(out_dir, OUTPUT_KIND, force=force, option=option)
+        self.store = PartialStore(
+            self.out,
+            config.to_dict(),
+            force=force,
+            force_hint="--force" if option.startswith("--") else "force=True",
+        )
+        self.timer = StageTimer()
+        cls: type[Task] = task_class(config.dataset)
+        self.task = cls(config, progress=progress, timer=self.timer)
+        self.docs = self._documents()
+        wanted = {(f, m) for f in range(config.folds) for m in config.methods}
+        if wanted - self.store.saved_pairs():
+            self.task.preflight()
+
+    def _documents(self) -> list[str]:
+        from otguard.evaluation.drift import load_documents, sample_documents
+
+        cfg = self.config
+        if not cfg.drift_source:
+            return []
+        n_docs = min(cfg.drift_docs, max(10, cfg.limit // 4)) if cfg.limit else cfg.drift_docs
+        try:
+            return sample_documents(load_documents(cfg.drift_source), n_docs, seed=cfg.seed)
+        except DataError as exc:
+            logger.warning("CE/KL skipped: %s", exc)
+            return []
+
+    def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> RunResults:
+        """Fit and evaluate every (fold, method) not saved yet, then write ``results.json``, the CSV and
+        the report; returns the results."""
+        cfg, started = self.config, time.time()
+        model_facts = {
+            "name": str(getattr(model.config, "_name_or_path", "") or cfg.model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        }
+        write_marker(self.out, OUTPUT_KIND)
+        self.store.open(model_facts)
+        done = self.store.load()
+        if done:
+            logger.info("Resuming: %d saved (fold, method) result(s) in %s", len(done), self.store.folder)
+        todo = [(f, m) for f in range(cfg.folds) for m in cfg.methods if (f, m) not in done]
+        if todo:
+            try:
+                self._compute(model, tokenizer, done)
+            except BaseException:
+                if done:
+                    logger.error(
+                        "%d finished (fold, method) result(s) are saved in %s; rerun the same command "
+                        "to resume from them.",
+                        len(done),
+                        self.store.folder,
+                    )
+                raise
+        results = self._assemble(done, model_facts, started, resumed=len(cfg.methods) * cfg.folds - len(todo))
+        results.write(self.out / "results.json")
+        rows = [row for f in range(cfg.folds) for m in cfg.methods for row in done[(f, m)].rows]
+        write_csv(self.out / self.task.csv_name, self.task.csv_fields, rows)
+        from otguard.report import write_report
+
+        write_report(self.out / "results.json", self.out, how_to_read=self.task.how_to_read(results))
+        logger.info("Wrote %s (%.0f s)", self.out / "results.json", time.time() - started)
+        return results
+
+    def _compute(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        done: dict[tuple[int, str], PartialResult],
+    ) -> None:
+        """The fold loop over the missing (fold, method) results; each is saved as soon as it is done."""
+        from otguard.activations import collect
+        from otguard.data import group_kfold
+        from otguard.evaluation.drift import measure_drift_many
+
+        cfg, task = self.config, self.task
+        task.bind(model, tokenizer)
+        with self.timer("collect"):
+            acts = collect(model, tokenizer, task.dataset, batch_size=cfg.batch_size, progress=self.progress)
+        for fold in range(cfg.folds):
+            pending = [m for m in cfg.methods if (fold, m) not in done]
+            if not pending:
+                continue
+            split = group_kfold(
+                task.dataset, n_folds=cfg.folds, fold=fold, val_ratio=cfg.val_ratio, seed=cfg.split_seed
+            )
+            task.start_fold(fold, split)
+            with self.timer("fit"):
+                policies = fit_policies(cfg, pending, acts, split, task, self.progress)
+            active = {name: (p if p.layers else None) for name, p in policies.items()}
+            fold_docs = self.docs[fold :: cfg.folds]
+            drift = {}
+            if fold_docs:
+                with self.timer("side_effects"):
+                    drift = measure_drift_many(
+                        model,
+                        tokenizer,
+                        fold_docs,
+                        active,
+                        max_tokens=cfg.drift_tokens,
+                        batch_size=8,
+                        progress=self.progress,
+                    )
+            for name in pending:
+                t_method = time.time()
+                policy = active[name]
+                evaluation = task.evaluate(name, policy)
+                metrics = evaluation.metrics
+                if name in drift:
+                    d = drift[name]
+                    metrics["ce"], metrics["kl"] = d.ce, d.kl
+                    if policy is not None and d.flag_rate is not None:
+                        metrics["flag_rate"] = d.flag_rate
+                        metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
+                seconds = time.time() - t_method
+                result = PartialResult(
+                    fold=fold,
+                    method=name,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    record=_fold_record(fold, policies[name], seconds, task.fold_meta),
+                    rows=evaluation.rows,
+                    judge_name=task.judge_name,
+                )
+                self.store.save(result)
+                done[(fold, name)] = result
+                shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+                logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, seconds)
+
+    def _assemble(
+        self,
+        done: dict[tuple[int, str], PartialResult],
+        model_facts: dict[str, str],
+        started: float,
+        resumed: int,
+    ) -> RunResults:
+        """``results.json`` from the saved results (the same path for fresh and resumed runs)."""
+        cfg = self.config
+        methods: dict[str, MethodResult] = {}
+        for name in cfg.methods:
+            values: dict[str, list[float]] = {}
+            records = []
+            for fold in range(cfg.folds):
+                part = done[(fold, name)]
+                for key, value in part.metrics.items():
+                    values.setdefault(key, []).append(value)
+                records.append(part.record)
+            methods[name] = MethodResult({k: MetricSummary.of(v) for k, v in values.items()}, records)
+        last = done[(cfg.folds - 1, cfg.methods[-1])]
+        config = {
+            **cfg.to_dict(),
+            "model": model_facts["name"],
+            "judge": last.judge_name or self.task.judge_name,
+            "dtype": model_facts["dtype"],
+            "threads": torch.get_num_threads(),
+            "methods": list(cfg.methods),
+        }
+        if resumed:
+            config["resumed_results"] = resumed
+        catalogue = {
+            k: spec for k, spec in self.task.metrics.items() if any(k in m.metrics for m in methods.values())
+        }
+        return RunResults(
+            config=config,
+            methods=methods,
+            metrics=catalogue,
+            task=self.task.name,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            seconds=time.time() - started,
+            timings=dict(self.timer.seconds),
+            versions=versions(),
+        )
+
+
+def run_compare(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: CompareConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    force: bool = False,
+) -> RunResults:
+    """Run the comparison and write its outputs into ``out_dir``; returns the results.
+
+    The same as ``CompareRun(config, out_dir, force=force).run(model, tokenizer)``; use
+    :class:`CompareRun` to check everything before loading the model.
+    """
+    return CompareRun(config, out_dir, force=force, progress=progress).run(model, tokenizer)

@@ -1,0 +1,175 @@
+"""The task protocol: what the fold loop (:mod:`otguard.harness.run`) asks of an evaluation task.
+
+A task owns everything that is specific to one kind of evaluation, in one module: the data its
+detector is trained on and how the folds split it, the held-out items of each fold, how a policy is
+evaluated on them, the metric catalogue, the CSV of per-item outputs, the configuration checks and
+the "how to read this" text of the report. The fold loop owns what every task shares: fitting the
+methods, the CE/KL side effects on natural text, saving each finished (fold, method) result, and
+``results.json``.
+
+Life of a task: ``Task(config)`` loads its data and builds its judges (no model yet) ->
+:meth:`Task.preflight` contacts any external service once -> :meth:`Task.bind` receives the model ->
+per fold :meth:`Task.start_fold`, then per method :meth:`Task.stage3` (SLIM only) and
+:meth:`Task.evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from otguard.results import MetricSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from otguard.data import TextDataset
+    from otguard.data.splits import Split
+    from otguard.harness.config import CompareConfig
+    from otguard.policy import Policy
+    from otguard.results import RunResults
+
+__all__ = ["SIDE_EFFECT_METRICS", "Evaluation", "StageTimer", "Task", "common_reading"]
+
+#: Shown for a metric a method does not have (the report's MISSING mark).
+MISSING_MARK = "–"
+
+#: Metrics the fold loop adds for every task: CE/KL on natural text, the detector's flag rate and the
+#: edited heads per flagged position.
+SIDE_EFFECT_METRICS: dict[str, MetricSpec] = {
+    "ce": MetricSpec("CE", False, "side-effects", "nats"),
+    "kl": MetricSpec("KL", False, "side-effects", "nats"),
+    "flag_rate": MetricSpec("Flag rate", None, "side-effects", "%"),
+    "edited_heads": MetricSpec("Edited heads / flag", None, "side-effects", ""),
+}
+
+
+@dataclass
+class Evaluation:
+    """One policy on one fold: metric values and the rows of the task's CSV."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, summed over folds and methods (written to ``results.json``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+
+
+def common_reading() -> dict[str, tuple[str, str]]:
+    """The "how to read" items every task shares, by key: cells, side effects, flags."""
+    return {
+        "cells": (
+            "Cells:",
+            "mean ± standard deviation across the cross-validation folds (no ± with one fold). "
+            f"Bold marks the best mean of a column where the metric has a direction; {MISSING_MARK} means "
+            "the method does not have that metric (e.g. no flag rate for an ungated method).",
+        ),
+        "side_effects": (
+            "CE and KL (nats):",
+            "measured on natural text with the intervention applied at every position. CE is the "
+            "steered model's next-token cross-entropy (compare with the unedited 'none' row); KL is "
+            "KL(original ‖ steered) per token. Both are side effects: lower means less damage.",
+        ),
+        "flags": (
+            "Flag rate and edited heads:",
+            "the share of prompts the detector of a gated method (RADIANT, SLIM) flags for repair, "
+            "and how many heads a method edits. A gated method that flags nearly everything behaves "
+            "like an ungated one.",
+        ),
+    }
+
+
+class Task(ABC):
+    """An evaluation task of ``otguard compare``; subclasses live one per module and are registered
+    in :data:`otguard.harness.registry.TASKS`.
+
+    Class attributes: ``name`` (``results.json``'s ``task``), ``metrics`` (the catalogue, in table
+    order), ``csv_name`` / ``csv_fields`` (the per-item output). Instance attributes set by the
+    subclass: ``dataset`` (the detector's training data, split by group into folds), ``judge_name``
+    (the judge or scorer named in the report) and, per fold, ``fold_meta`` (facts recorded with
+    every method's fold record).
+    """
+
+    name: ClassVar[str]
+    metrics: ClassVar[dict[str, MetricSpec]]
+    csv_name: ClassVar[str]
+    csv_fields: ClassVar[tuple[str, ...]]
+
+    dataset: TextDataset
+    judge_name: str
+
+    def __init__(
+        self, config: CompareConfig, *, progress: bool = True, timer: StageTimer | None = None
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self.timer = timer if timer is not None else StageTimer()
+        self.fold = 0
+        self.fold_meta: dict[str, Any] = {}
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    # ---- configuration and set-up ------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, config: CompareConfig) -> list[str]:
+        """Task-specific problems of ``config`` (cheap: no data, no model, no network)."""
+        return []
+
+    def preflight(self) -> None:
+        """Contact every external service the evaluation will need once, so that a wrong URL or key
+        fails now and not after an hour of generation. Offline tasks do nothing."""
+        return None
+
+    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Give the task the model it evaluates (called once, before the first fold)."""
+        self._model, self._tokenizer = model, tokenizer
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            raise RuntimeError("Task.bind(model, tokenizer) must be called before evaluating.")
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("Task.bind(model, tokenizer) must be called before evaluating.")
+        return self._tokenizer
+
+    # ---- the fold loop's calls ---------------------------------------------------------------------
+
+    @abstractmethod
+    def start_fold(self, fold: int, split: Split) -> None:
+        """Pick the fold's held-out items (from ``split.test`` only) and set ``fold_meta``."""
+
+    @abstractmethod
+    def stage3(self, policy: Policy) -> Policy:
+        """SLIM's Stage 3 (choose κ) on the fold's validation items, or ``policy`` unchanged."""
+
+    @abstractmethod
+    def evaluate(self, method: str, policy: Policy | None) -> Evaluation:
+        """Evaluate ``policy`` (None: the unedited model) on the fold's held-out items."""
+
+    # ---- the report's text -------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def how_to_read(cls, results: RunResults) -> list[tuple[str, str]]:
+        """The report's "how to read this" items: (bold lead, text) pairs."""

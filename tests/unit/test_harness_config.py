@@ -1,0 +1,156 @@
+"""The compare configuration: every bad value is one ConfigError before any model work; CLI defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from otguard import cli
+from otguard.errors import ConfigError, OtguardError
+from otguard.harness.config import CompareConfig, default, method_ids
+from otguard.harness.truthfulqa import TruthfulQATask
+from otguard.methods import METHODS
+
+
+def test_defaults_are_valid_and_the_methods_are_the_registry() -> None:
+    config = CompareConfig()
+    assert config.problems() == []
+    assert method_ids() == tuple(METHODS)
+    assert set(config.methods) <= set(METHODS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dataset": "imdb"}, "unknown dataset 'imdb' (choose one of truthfulqa, truthfulqa-mc2, toxigen)"),
+        ({"methods": ("none", "foo")},
+         "unknown method(s) 'foo'; valid methods: none, iti, mean-shift, radiant, slim"),
+        ({"methods": ()}, "no methods given"),
+        ({"methods": ("slim", "slim")}, "method(s) listed twice: slim"),
+        ({"folds": 1}, "folds must be an integer >= 2; got 1"),
+        ({"limit": 0}, "limit must be an integer >= 1, or None for no limit; got 0"),
+        ({"transfer_questions": -1}, "transfer_questions must be an integer >= 0; got -1"),
+        ({"drift_docs": -3}, "drift_docs must be an integer >= 0; got -3"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1; got 0"),
+        ({"samples": 2.5}, "samples must be an integer >= 1; got 2.5"),
+        ({"val_ratio": 1.0}, "val_ratio must be in [0, 1); got 1.0"),
+        ({"kappa_grid": (5.0, -1.0)}, "kappa_grid must be positive numbers; got [5.0, -1.0]"),
+        ({"judge": "gpt"}, "unknown judge 'gpt'"),
+        ({"judge_options": {"modle": "x"}}, "unknown judge option(s) modle"),
+        ({"method_params": {"radiant": {"epoch": 3}}}, "method 'radiant' has no parameter(s) epoch"),
+        ({"method_params": {"foo": {}}}, "method_params names unknown method 'foo'"),
+        ({"drift_source": "/nonexistent/docs.txt"}, "drift_source '/nonexistent/docs.txt' does not exist"),
+        ({"dataset": "toxigen", "scorer": "vibes"}, "unknown scorer 'vibes'"),
+        ({"dataset": "toxigen", "prompts": "/nonexistent.txt"}, "prompts '/nonexistent.txt' is not toxigen"),
+        ({"dataset": "toxigen", "top_p": 0.0}, "top_p must be in (0, 1]; got 0.0"),
+    ],
+)  # fmt: skip
+def test_each_bad_value_is_a_config_error(changes, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        CompareConfig(**changes)
+    assert message in str(info.value)
+    assert isinstance(info.value, OtguardError) and isinstance(info.value, ValueError)
+
+
+def test_all_problems_are_named_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        CompareConfig(folds=0, limit=-1, methods=("bar",))
+    text = str(info.value)
+    assert "folds must be" in text and "limit must be" in text and "'bar'" in text
+
+
+def test_openai_judge_without_a_model_fails_before_any_request(monkeypatch) -> None:
+    monkeypatch.delenv("OTGUARD_JUDGE_MODEL", raising=False)
+    with pytest.raises(ConfigError, match="the openai judge cannot work: No judge model"):
+        CompareConfig(judge="openai")
+    with pytest.raises(ConfigError, match="must start with http"):
+        CompareConfig(judge="openai", judge_options={"model": "m", "base_url": "localhost:8000"})
+    assert (
+        CompareConfig(
+            judge="openai", judge_options={"model": "m", "base_url": "http://127.0.0.1:9"}
+        ).problems()
+        == []
+    )
+
+
+def test_perspective_without_a_key_fails(monkeypatch) -> None:
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="the perspective scorer cannot work: No Perspective API key"):
+        CompareConfig(dataset="toxigen", scorer="perspective")
+
+
+def test_replace_validates_again() -> None:
+    with pytest.raises(ConfigError, match="folds must be"):
+        dataclasses.replace(CompareConfig(), folds=1)
+
+
+def test_record_and_key() -> None:
+    config = CompareConfig(
+        judge="openai", judge_options={"model": "m", "base_url": "http://x", "api_key": "sk-1"}
+    )
+    data = config.to_dict()
+    assert data["judge_options"]["api_key"] == "***" and "sk-1" not in str(data)
+    assert data["methods"] == list(config.methods) and data["kappa_grid"] == [5.0, 10.0, 20.0, 40.0]
+    assert config.key() == CompareConfig(judge="openai", judge_options=dict(config.judge_options)).key()
+    assert CompareConfig(limit=40).key() != CompareConfig(limit=41).key()
+
+
+def test_cli_defaults_come_from_the_dataclass() -> None:
+    args = cli.build_parser().parse_args(["compare", "--out", "x"])
+    config = cli._compare_config(args)
+    fresh = CompareConfig()
+    for f in dataclasses.fields(CompareConfig):
+        if f.name in ("data_dir", "method_params", "judge_options"):
+            continue
+        assert getattr(config, f.name) == getattr(fresh, f.name), f.name
+    assert args.methods == ",".join(default("methods"))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["compare", "--out", "x", "--dataset", "imdb"])
+
+
+def test_cli_epochs_go_only_to_methods_that_train_probes() -> None:
+    args = cli.build_parser().parse_args(
+        ["compare", "--out", "x", "--methods", "none,iti,slim", "--epochs", "3"]
+    )
+    assert cli._compare_config(args).method_params == {"iti": {"epochs": 3}, "slim": {"epochs": 3}}
+
+
+def test_cli_unknown_method_fails_before_the_model_and_leaves_no_folder(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(TruthfulQATask, "__init__", no_model)  # nor the data
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    rc = cli.main(["compare", "--methods", "none,foo", "--out", str(out)])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == (
+        "otguard: error: Invalid compare configuration: unknown method(s) 'foo'; "
+        "valid methods: none, iti, mean-shift, radiant, slim."
+    )
+    assert not out.exists()
+    assert seconds < 1.0  # in-process: the check itself, without Python's and torch's start-up
+
+
+def test_cli_refuses_a_foreign_out_folder_before_the_model(tmp_path, monkeypatch, capsys) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc = cli.main(["compare", "--limit", "4", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "pass --force" in err
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == [
+        "notes.txt"
+    ]
