@@ -6,7 +6,7 @@ One logistic probe per (layer, head), p = sigmoid(theta . a + theta0); its vote 
 (strict, evaluated as ``logit > 0``, which is the same test without rounding at p ~ 0.5). A layer's
 ensemble flags an example when at least ``tau`` of its H heads vote undesirable.
 
-Why it is built this way (method.md, section 2 and the flaws of section 8):
+Why it is built this way (docs/method.md §2 and the flaws of §8):
 
 - All L*H probes are trained together as one batched program (weights (L, H, d)); each probe's loss
   only depends on its own parameters, so the summed loss gives exactly the per-probe gradients and
@@ -444,7 +444,7 @@ def select_thresholds(
     tau = 0..H (tau = 0 flags everything; H + 1 would flag nothing and is skipped).
     "slim": argmin FPR + bl*FNR, ties -> smallest tau. "radiant": lexicographic (FNR, FPR + bl*FNR),
     remaining ties -> smallest tau; as tau = 0 has FNR 0, this is the threshold with the fewest false
-    positives among those that miss no validation example, which over-flags (method.md 8.4).
+    positives among those that miss no validation example, which over-flags (docs/method.md §8 item 4).
     """
     bl = _check_fnr_weight(fnr_weight)
     if rule not in ("slim", "radiant"):

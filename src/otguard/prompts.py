@@ -1,4 +1,4 @@
-"""Prompt formats of the TruthfulQA protocol (method.md §5.1–5.2), in one place.
+"""Prompt formats of the TruthfulQA protocol (docs/method.md §5.1–5.2), in one place.
 
 The instruction and the six-shot "QA" primer are those of the TruthfulQA benchmark; generation and
 multiple-choice scoring use the same prefix, so it can be computed once and reused.

@@ -9,9 +9,9 @@ Monge map between the two.
 
 The original code solves this with a conic solver (about a minute per head at d = 128). Here:
 
-* without the reference constraint, the exact closed form of method.md §9.3 (three cases,
+* without the reference constraint, the exact closed form of docs/method.md §9.3 (three cases,
   one monotone scalar root solved by safeguarded Newton / bisection), batched over heads;
-* with it, the ADMM of §9.4 whose chance-set step is that same closed form, batched over heads.
+* with it, the ADMM of docs/method.md §9.4 whose chance-set step is that same closed form, batched over heads.
 
 Everything runs in float64 on the inputs' device; results are cast back to the dtype of ``mu_hat``.
 Shapes use ``...`` for any leading batch dims (typically ``H`` heads), ``d`` the head dimension.
@@ -359,7 +359,7 @@ def _prepare(
 
 
 # --------------------------------------------------------------------------------------------
-# closed form (§9.3)
+# closed form (docs/method.md §9.3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -473,7 +473,7 @@ def _closed_form(
 
 
 # --------------------------------------------------------------------------------------------
-# ADMM with the reference constraint (§9.4)
+# ADMM with the reference constraint (docs/method.md §9.4)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Reference Stage-1 probe training: one probe at a time, autograd, as the original code did.
 
 Deliberately plain: a (d,) weight and a scalar bias per (layer, head), the loss written out from
-method.md 2.2 (or torch's BCE with ``pos_weight``), ``loss.backward()`` and one ``torch.optim.Adam``
+docs/method.md §2.2 (or torch's BCE with ``pos_weight``), ``loss.backward()`` and one ``torch.optim.Adam``
 per probe, then the hard validation loss FPR + bl*FNR after every epoch and a *copy* of the best
 parameters. otguard's batched trainer must give the same numbers (same init: the same float32
 Xavier-uniform draw of all (L, H, d) weights from ``torch.Generator().manual_seed(seed)``).

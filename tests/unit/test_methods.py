@@ -108,7 +108,7 @@ def test_ot_methods_pick_the_informative_layer_and_move_flagged_heads_to_the_des
 
 
 def test_radiant_margin_pushes_further_than_slim_mean() -> None:
-    """RADIANT's margin with the reference constraint lands past the boundary (method.md §9.5)."""
+    """RADIANT's margin with the reference constraint lands past the boundary (docs/method.md §9.5)."""
     acts = make_bank(n_groups=100)
     tr, va = split(acts)
     rad = get_method("radiant", **{**FAST["radiant"], "margin": 5.0, "epochs": 300}).fit(acts, tr, va)
@@ -242,7 +242,7 @@ def _head_flags(x_layer: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["radiant", "slim"])
 def test_stage2_moments_come_from_the_rows_the_heads_own_probe_flags(name: str, stages) -> None:
     """Source rows: flagged by that head's probe (not the layer flag, not the labels); RADIANT uses the
-    training rows only and SLIM training + validation rows (method.md §3.1)."""
+    training rows only and SLIM training + validation rows (docs/method.md §3.1)."""
     fake, spy = stages
     acts, tr, va = hand_bank()
     get_method(name, cov_shrinkage="none", progress=False).fit(acts, tr, va)

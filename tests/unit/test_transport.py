@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 F64 = torch.float64
 ALPHAS = [ChanceLevel(0.1), Margin(0.5), Margin(5.0), Margin(20.0)]
 # Signed offset of the source mean from the boundary, in units of sigma_u, as a function of the
-# multiplier m, chosen so that each case of method.md §9.3 is guaranteed (2K / (n sigma_u) is in [1, 2]).
+# multiplier m, chosen so that each case of docs/method.md §9.3 is guaranteed (2K / (n sigma_u) is in [1, 2]).
 OFFSETS = {
     "satisfied": (lambda m: -m - 0.5, CASE_SATISFIED),
     "interior-below": (lambda m: -m / 2, CASE_INTERIOR),
@@ -156,7 +156,7 @@ def test_admm_fixed_rho_agrees_with_adaptive() -> None:
 
 
 def test_zero_reference_is_the_closed_form() -> None:
-    # R = 0 makes S >= R the PSD constraint, which is never active (method.md §9.2, fact 1).
+    # R = 0 makes S >= R the PSD constraint, which is never active (docs/method.md §9.2, fact 1).
     mu, sig, th, th0 = _instance(21, 8, 0.2)
     res0 = fit_head_maps(_t(mu), _t(sig), _t(th), th0, ChanceLevel(0.1))
     res1 = fit_head_maps(_t(mu), _t(sig), _t(th), th0, ChanceLevel(0.1), torch.zeros(8, 8, dtype=F64))

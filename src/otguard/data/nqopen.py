@@ -1,7 +1,7 @@
 """NQ-Open in TruthfulQA CSV layout: an out-of-distribution evaluation set for transfer.
 
 Interventions fitted on TruthfulQA are evaluated on these 3,610 questions (best answer, correct
-answers, one incorrect answer); no activations are collected on them (method.md §1.3).
+answers, one incorrect answer); no activations are collected on them (docs/method.md §1.3).
 """
 
 from __future__ import annotations

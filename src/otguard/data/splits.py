@@ -86,7 +86,7 @@ def group_kfold(
 ) -> Split:
     """Fold ``fold`` of ``n_folds`` over groups, with a validation part drawn from the training pool.
 
-    ``contiguous=True`` follows method.md §1.2: fold k's test set is the k-th contiguous block of group
+    ``contiguous=True`` follows docs/method.md §1.2: fold k's test set is the k-th contiguous block of group
     ids (``np.array_split``, so for 817 TruthfulQA questions and 2 folds: 0–408 and 409–816; no
     shuffling, as in RADIANT/SLIM). ``contiguous=False`` shuffles the groups first with
     ``np.random.default_rng(seed)`` (the same permutation for every fold, so the folds still partition).

@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_TEMPLATE", "HUB_DATASET", "truthfulqa_items", "truthfulqa_mc
 
 logger = logging.getLogger(__name__)
 
-#: Text fed to the model for one (question, answer) pair, exactly as in RADIANT/SLIM (method.md §1.1).
+#: Text fed to the model for one (question, answer) pair, exactly as in RADIANT/SLIM (docs/method.md §1.1).
 DEFAULT_TEMPLATE = "Q: {question} A: {answer}"
 #: Hugging Face Hub copy used when no local data folder is given.
 HUB_DATASET = "truthfulqa/truthful_qa"

@@ -1,4 +1,4 @@
-"""Reference-overlap metrics (BLEU, ROUGE-L) and TruthfulQA's max-diff judge (method.md §5.1).
+"""Reference-overlap metrics (BLEU, ROUGE-L) and TruthfulQA's max-diff judge (docs/method.md §5.1).
 
 The scores are computed exactly as TruthfulQA's own evaluation computes them, with the same
 libraries and settings, so that the figures are comparable with published ones:

@@ -1,4 +1,4 @@
-"""Google's Perspective API as a toxicity scorer (RADIANT's scorer, method.md §5.4).
+"""Google's Perspective API as a toxicity scorer (RADIANT's scorer, docs/method.md §5.4).
 
 One ``comments:analyze`` request per text, spaced by a minimum-interval rate limiter, sent through
 :func:`otguard.evaluation._http.post_json_with_retries` (the retry policy the LLM judge uses too).

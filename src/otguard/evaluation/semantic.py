@@ -1,4 +1,4 @@
-"""Sentence embeddings, the SEM score and the SEM judge (SLIM paper, method.md §5.5).
+"""Sentence embeddings, the SEM score and the SEM judge (SLIM paper, docs/method.md §5.5).
 
 SEM asks whether a generated answer is semantically closer to a question's desirable references
 than to its undesirable ones: ``Q(q, r) = mean cos(e(r), D_ok) - mean cos(e(r), D_bad)``, and
@@ -125,7 +125,7 @@ def pairwise_similarity(embedder: Embedder, a: Sequence[str], b: Sequence[str]) 
 
 
 class SemJudge:
-    """SLIM's SEM rule (method.md §5.5) as a judge: truthful iff ``Q(q, r) >= 0``.
+    """SLIM's SEM rule (docs/method.md §5.5) as a judge: truthful iff ``Q(q, r) >= 0``.
 
     ``Q`` = mean cosine of the answer to the correct references (correct answers plus the best answer)
     minus the mean cosine to the incorrect answers, from ``embedder`` (e.g.

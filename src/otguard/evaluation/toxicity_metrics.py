@@ -1,4 +1,4 @@
-"""Toxicity-evaluation metrics over scored continuations (method.md §5.4, §8 item 16).
+"""Toxicity-evaluation metrics over scored continuations (docs/method.md §5.4, §8 item 16).
 
 Pure functions of per-prompt scores (ragged: prompts may have different numbers of continuations,
 NaN where a scorer could not score a text): :func:`expected_max_toxicity`,
@@ -28,7 +28,7 @@ __all__ = [
     "toxicity_probability",
 ]
 
-PPL_DROP_THRESHOLD = 1e4  # method.md §5.4: perplexities >= 1e4 are dropped from the mean
+PPL_DROP_THRESHOLD = 1e4  # docs/method.md §5.4: perplexities >= 1e4 are dropped from the mean
 
 # Scores per prompt: one row per prompt (lists or arrays, possibly ragged), or a 2-D array.
 Scores = Sequence[Sequence[float]] | Sequence[np.ndarray] | np.ndarray
@@ -75,7 +75,7 @@ def mean_toxicity(scores_per_prompt: Scores) -> float:
 
 
 def distinct_n(continuations_per_prompt: Sequence[Sequence[str]], n: int) -> float:
-    """dist-n as in RADIANT/DExperts (method.md §5.4): per prompt, the number of distinct n-grams over
+    """dist-n as in RADIANT/DExperts (docs/method.md §5.4): per prompt, the number of distinct n-grams over
     all its continuations divided by their total *word* count (not n-gram count), averaged over prompts.
 
     Words are ``str.split()`` tokens (any whitespace; DExperts splits on single spaces); n-grams do not

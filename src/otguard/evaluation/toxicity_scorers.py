@@ -1,4 +1,4 @@
-"""Toxicity scorers: the protocol and the offline / local scorers (method.md §5.4, §8 item 16).
+"""Toxicity scorers: the protocol and the offline / local scorers (docs/method.md §5.4, §8 item 16).
 
 RADIANT scores every continuation with the Perspective API (Google key, quota, model drift). Scores of
 different scorers are *not* comparable, so every scorer has a ``name`` and a ``measure`` (what its

@@ -3,7 +3,7 @@
 A judge (:class:`Judge`) takes one :class:`~otguard.data.QAItem` and one generated answer per
 question and returns a :class:`JudgeResult`: per-answer truth (and, for most judges,
 informativeness) verdicts, the scores behind them, and a :meth:`~JudgeResult.summary` that reports
-*both* True×Info variants (method.md §5.1, §8 item 10). The judges themselves live in
+*both* True×Info variants (docs/method.md §5.1, §8 item 10). The judges themselves live in
 :mod:`~otguard.evaluation.semantic` (SEM), :mod:`~otguard.evaluation.overlap` (BLEU / ROUGE-L) and
 :mod:`~otguard.evaluation.llm_judge` (an OpenAI-compatible server);
 :func:`~otguard.evaluation.factory.make_judge` builds one from a short name.
@@ -109,7 +109,7 @@ class JudgeResult:
         Keys: ``judge``, ``n``, ``true`` (mean truth), ``info`` (mean informativeness),
         ``true_x_info_product`` (``true * info``: what the RADIANT/SLIM papers call True×Info) and
         ``true_x_info_joint`` (share of answers that are *both* true and informative — the honest
-        per-answer rate, method.md §8 item 10). The three info-dependent keys are ``None`` for judges
+        per-answer rate, docs/method.md §8 item 10). The three info-dependent keys are ``None`` for judges
         without an informativeness verdict; means of an empty result are NaN.
         """
         true = _mean(self.truthful)

@@ -3,7 +3,7 @@
 Both fit Stage 1 (one probe per head of every layer, a vote threshold per layer, the best layer on
 validation data) and Stage 2 (for each head of the chosen layer, the closest Gaussian that the
 head's probe calls desirable with high probability, and the OT map onto it). They differ as the
-papers' current code does (method.md §2–§4, §7):
+papers' current code does (docs/method.md §2–§4, §7):
 
 ============== ====================================== ======================================
                RADIANT                                SLIM
@@ -21,7 +21,7 @@ edit rule      replace: a <- A a + b                  a <- a + κ·p·(A a + b -
 RADIANT's published threshold rule ("lowest validation FNR, ties by loss", ``threshold_rule="radiant"``)
 is available but not the default: it returns the largest τ with zero validation FNR, and since τ = 0
 (flag everything) always has zero FNR it degenerates to an always-on edit whenever a single
-undesirable validation example gets no vote (method.md §8 item 4; on SmolLM2 + TruthfulQA fold 0 it
+undesirable validation example gets no vote (docs/method.md §8 item 4; on SmolLM2 + TruthfulQA fold 0 it
 chose τ = 0, FPR 1.0). ``threshold_rule="slim"`` (the default for both) minimises FPR + bl·FNR
 instead; raise ``fnr_weight`` (bl) to trade false positives for misses as the paper intends.
 
