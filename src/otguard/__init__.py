@@ -7,21 +7,18 @@ Typical use::
     policy = otguard.fit_policy(acts, "slim")
     with policy.attach(model):
         model.generate(...)
+
+The public names are imported on first use (PEP 562), so ``import otguard`` and the CLI's argument
+checks do not pay for torch and transformers; ``otguard.load_model`` etc. work as usual.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from otguard.io import package_version
-
-__version__ = package_version()
-
-from otguard import data  # noqa: E402
-from otguard.activations import ActivationSet, collect  # noqa: E402
-from otguard.errors import (  # noqa: E402
+from otguard.errors import (
+    ConfigError,
     DataError,
     ModelLoadError,
     NotFittedError,
@@ -31,44 +28,60 @@ from otguard.errors import (  # noqa: E402
     SolverError,
     UnsupportedArchitectureError,
 )
-from otguard.methods import METHODS, get_method  # noqa: E402
-from otguard.models import load_model  # noqa: E402
-from otguard.hook import attached  # noqa: E402
-from otguard.policy import LayerEdit, Policy, PolicyHandle  # noqa: E402
-from otguard.sites import find_head_sites, model_identity, register_site, supported_model_types  # noqa: E402
-from otguard.transport import ChanceLevel, Margin  # noqa: E402
+from otguard.io import package_version
+
+__version__ = package_version()
+
+if TYPE_CHECKING:
+    from otguard import data
+    from otguard.activations import ActivationSet, collect
+    from otguard.hook import attached
+    from otguard.methods import METHODS, fit_policy, get_method
+    from otguard.models import load_model
+    from otguard.policy import LayerEdit, Policy, PolicyHandle
+    from otguard.sites import find_head_sites, model_identity, register_site, supported_model_types
+    from otguard.transport import ChanceLevel, Margin
+
+#: public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    "ActivationSet": "otguard.activations",
+    "collect": "otguard.activations",
+    "attached": "otguard.hook",
+    "METHODS": "otguard.methods",
+    "fit_policy": "otguard.methods",
+    "get_method": "otguard.methods",
+    "load_model": "otguard.models",
+    "LayerEdit": "otguard.policy",
+    "Policy": "otguard.policy",
+    "PolicyHandle": "otguard.policy",
+    "find_head_sites": "otguard.sites",
+    "model_identity": "otguard.sites",
+    "register_site": "otguard.sites",
+    "supported_model_types": "otguard.sites",
+    "ChanceLevel": "otguard.transport",
+    "Margin": "otguard.transport",
+}
 
 
-def fit_policy(
-    acts: ActivationSet,
-    method: str = "slim",
-    *,
-    train_idx: Any = None,
-    val_idx: Any = None,
-    val_ratio: float = 0.2,
-    split_seed: int = 42,
-    **params: Any,
-) -> Policy:
-    """Fit ``method`` on an activation bank and return its :class:`Policy`.
+def __getattr__(name: str) -> Any:
+    if name == "data":
+        return importlib.import_module("otguard.data")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'otguard' has no attribute {name!r}")
 
-    Without explicit rows, a random ``val_ratio`` of the *groups* (questions) is held out for
-    validation (threshold and layer choice) and the rest trains the probes.
-    """
-    if train_idx is None or val_idx is None:
-        groups = acts.groups.numpy()
-        unique = np.unique(groups)
-        rng = np.random.default_rng(split_seed)
-        n_val = max(1, int(round(len(unique) * val_ratio)))
-        val_groups = rng.choice(unique, size=n_val, replace=False)
-        is_val = np.isin(groups, val_groups)
-        train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    return get_method(method, **params).fit(acts, train_idx, val_idx).policy_
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"data"})
 
 
 __all__ = [
     "METHODS",
     "ActivationSet",
     "ChanceLevel",
+    "ConfigError",
     "DataError",
     "LayerEdit",
     "Margin",

@@ -664,12 +664,13 @@ def _compare_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    # Everything that can be wrong is found before the model loads: the configuration (before torch
+    # is even imported), the output folder and its saved results, the data, and an external judge
+    # (contacted once).
+    config = _compare_config(args)
     from otguard.harness.run import CompareRun
     from otguard.report import markdown_table
 
-    # Everything that can be wrong is found before the model loads: the configuration, the output
-    # folder and its saved results, the data, and an external judge (contacted once).
-    config = _compare_config(args)
     _check_model_args(args)
     run = CompareRun(config, args.out, force=args.force, option="--out")
     model, tok = _load(args)

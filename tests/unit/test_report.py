@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from otguard.errors import DataError, OtguardError, ResultsError
+from otguard.harness.registry import how_to_read
 from otguard.report import (
     main,
     markdown_table,
@@ -28,7 +29,6 @@ from otguard.report import (
     results_table,
     write_report,
 )
-from otguard.report.explain import task_view
 from otguard.report.plots import _wants_log_axis
 from otguard.report.render import _md_escape
 from otguard.results import RunResults
@@ -260,7 +260,7 @@ def test_bad_types_are_named(tmp_path: Path, results: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     out = tmp_path_factory.mktemp("report")
-    md, html_path = write_report(FIXTURE, out)
+    md, html_path = write_report(FIXTURE, out, how_to_read=how_to_read)  # the task's text, as compare does
     return out, md, html_path
 
 
@@ -398,7 +398,7 @@ def test_log_axis_only_for_positive_values_spread_over_20x() -> None:
 
 def _leads(results: dict[str, Any]) -> list[str]:
     res = RunResults.from_dict(results)
-    return [lead for lead, _ in task_view(res).how_to_read(res)]
+    return [lead for lead, _ in how_to_read(res)]
 
 
 def test_how_to_read_follows_the_task(results: dict[str, Any]) -> None:
@@ -422,6 +422,14 @@ def test_how_to_read_follows_the_task(results: dict[str, Any]) -> None:
     results["format_version"] = 2
     results["task"] = "some-new-task"
     assert _leads(results) == ["Cells:"]
+
+
+def test_report_without_task_text_explains_its_cells_only(tmp_path: Path, results: dict[str, Any]) -> None:
+    _no_plot_data(results)
+    md, _ = write_report(_dump(tmp_path, results), tmp_path / "out")
+    text = md.read_text(encoding="utf-8")
+    assert "## How to read this" in text and "- **Cells:**" in text
+    assert "MC1 / MC2 / MC3:" not in text
 
 
 def test_toxicity_report_plots_toxicity_against_fluency(tmp_path: Path, results: dict[str, Any]) -> None:

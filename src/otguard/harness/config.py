@@ -43,9 +43,9 @@ _MAX_SHOWN = 8
 
 def method_ids() -> tuple[str, ...]:
     """The method ids of the registry (:data:`otguard.methods.METHODS`), in registry order."""
-    from otguard.methods import METHODS
+    from otguard.methods import METHOD_IDS
 
-    return tuple(METHODS)
+    return METHOD_IDS
 
 
 @dataclass

@@ -56,11 +56,16 @@ def task_by_name(name: str) -> Any:
 def how_to_read(results: RunResults) -> list[tuple[str, str]]:
     """The "how to read this" items of a run's task: (bold lead, text) pairs for the report.
 
-    A file without a known task (format 1 with an unusual dataset) gets the TruthfulQA text, as the
-    report always did.
+    A format-1 file (no ``task``) gets its task from the metrics, as the report always did; a task
+    this otguard does not know gets only the item that explains a table cell.
     """
-    cls = task_by_name(results.task) if results.task else None
-    if cls is None:
+    if results.task:
+        cls = task_by_name(results.task)
+        if cls is None:
+            from otguard.report.explain import cells_item
+
+            return [cells_item()]
+    else:
         cls = task_class("toxigen") if "tox_max" in results.metrics else task_class("truthfulqa")
     items: list[tuple[str, str]] = cls.how_to_read(results)
     return items

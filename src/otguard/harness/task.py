@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from otguard.report.explain import cells_item
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
     from otguard.results import RunResults
 
 __all__ = ["SIDE_EFFECT_METRICS", "Evaluation", "StageTimer", "Task", "common_reading"]
-
-#: Shown for a metric a method does not have (the report's MISSING mark).
-MISSING_MARK = "–"
 
 #: Metrics the fold loop adds for every task: CE/KL on natural text, the detector's flag rate and the
 #: edited heads per flagged position.
@@ -74,12 +72,7 @@ class StageTimer:
 def common_reading() -> dict[str, tuple[str, str]]:
     """The "how to read" items every task shares, by key: cells, side effects, flags."""
     return {
-        "cells": (
-            "Cells:",
-            "mean ± standard deviation across the cross-validation folds (no ± with one fold). "
-            f"Bold marks the best mean of a column where the metric has a direction; {MISSING_MARK} means "
-            "the method does not have that metric (e.g. no flag rate for an ungated method).",
-        ),
+        "cells": cells_item(),
         "side_effects": (
             "CE and KL (nats):",
             "measured on natural text with the intervention applied at every position. CE is the "

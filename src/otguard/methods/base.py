@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from otguard.activations import ActivationSet
-from otguard.errors import DataError, NotFittedError
+from otguard.errors import ConfigError, DataError, NotFittedError
 from otguard.sites import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Method:
         valid = self.get_params()
         for key, value in params.items():
             if key not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {key!r}; valid: {sorted(valid)}.")
+                raise ConfigError(f"{type(self).__name__} has no parameter {key!r}; valid: {sorted(valid)}.")
             setattr(self, key, value)
         return self
 

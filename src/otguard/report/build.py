@@ -7,7 +7,7 @@ from pathlib import Path
 
 from otguard.io import atomic_write_text
 from otguard.report.document import DETECTOR_PNG, FLAGS_PNG, TRADEOFF_PNG, report_blocks
-from otguard.report.explain import HowToRead, task_view
+from otguard.report.explain import HowToRead, cells_item, task_view
 from otguard.report.plots import plot_detector, plot_flag_rates, plot_tradeoff, tradeoff_metrics
 from otguard.report.render import render_html, render_markdown
 from otguard.report.tables import ResultsLike, as_results
@@ -53,7 +53,7 @@ def write_report(
         if made is None:
             (out / png).unlink(missing_ok=True)
     if how_to_read is None:
-        items = view.how_to_read(res)
+        items = [cells_item()]
     else:
         items = list(how_to_read(res) if callable(how_to_read) else how_to_read)
     blocks = report_blocks(res, name, plots, view, tradeoff_metrics(res, x, y), items)

@@ -26,9 +26,13 @@ def run(
 ) -> int:
     """Write the report for parsed arguments and print the two paths (the command's output).
 
-    ``how_to_read`` gives the task's "How to read this" items (``otguard report`` passes the harness's);
-    None keeps the report's own text.
+    ``how_to_read`` gives the task's "How to read this" items; by default the harness's text for the
+    results' task (:func:`otguard.harness.registry.how_to_read`).
     """
+    if how_to_read is None:
+        from otguard.harness.registry import how_to_read as task_text
+
+        how_to_read = task_text
     results = Path(args.results)
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent)
     md_path, html_path = write_report(results, out, how_to_read=how_to_read)
