@@ -43,12 +43,14 @@ def cache_kwarg(model: Any) -> str:
     warns that it is deprecated); otguard supports both sides of the rename, so its own calls ask
     here. Read from the class's ``forward`` signature, once per class.
     """
-    return _cache_kwarg_of(type(model))
+    cls: Any = type(model)
+    return _cache_kwarg_of(cls)
 
 
 def cache_arg_index(model: Any) -> int | None:
     """Position of the cache argument in ``model.forward(...)`` (without ``self``), if it has one."""
-    return _cache_index_of(type(model))
+    cls: Any = type(model)
+    return _cache_index_of(cls)
 
 
 def output_cache(output: Any) -> Any:
@@ -58,7 +60,7 @@ def output_cache(output: Any) -> Any:
     return output.past_key_values
 
 
-def _forward_parameters(cls: type) -> list[str]:
+def _forward_parameters(cls: Any) -> list[str]:
     try:
         params = list(inspect.signature(cls.forward).parameters)  # follows the deprecation wrappers
     except (AttributeError, TypeError, ValueError):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -300,10 +300,13 @@ class ModelIdentity:
                 f"Fit a {what} for this model."
             )
         if check_weights and self.signature and other.signature:
-            same = len(self.signature) == len(other.signature) and all(
-                math.dist(a, b) <= rtol * max(math.hypot(*a), math.hypot(*b)) + 1e-6
+            pairs = [
+                (cast(list[float], a), cast(list[float], b))
                 for a, b in zip(_blocks(self.signature), _blocks(other.signature), strict=True)
-                if None not in a and None not in b
+                if None not in a and None not in b  # a block of an offloaded weight is unknown
+            ]
+            same = len(self.signature) == len(other.signature) and all(
+                math.dist(a, b) <= rtol * max(math.hypot(*a), math.hypot(*b)) + 1e-6 for a, b in pairs
             )
             if not same:
                 raise PolicyMismatchError(

@@ -42,7 +42,8 @@ class _MethodRegistry(Mapping[str, "type[Method]"]):
     """``METHODS[id]`` is the method's class, imported on first access."""
 
     def __getitem__(self, name: str) -> type[Method]:
-        return _load(_REGISTRY[name])  # type: ignore[no-any-return]
+        cls: type[Method] = _load(_REGISTRY[name])
+        return cls
 
     def __iter__(self) -> Iterator[str]:
         return iter(_REGISTRY)
