@@ -12,15 +12,19 @@ different steps), stay deterministic.
 - :func:`tiny_lm`: a Llama / GPT-2 / Gemma-2 model for a given tokenizer (vocabulary, padding id),
   with no BOS/EOS ids and a 1,024-token context, as the evaluation tests use them.
 - :func:`without_eos`: generation settings for tests that want exactly ``max_new_tokens`` tokens.
+- :func:`word_tokenizer`: a word-level tokenizer over :data:`WORDS` (no training, no download).
+- :func:`save_tiny_model`: a model folder (model + tokenizer) that ``load_model`` and the CLI read.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 VOCAB = 100
 
@@ -112,7 +116,9 @@ def tiny_lm(kind: str, vocab_size: int, pad_token_id: int, seed: int = 0) -> Pre
     Named ``tiny-{kind}-seed{seed}`` (so caches keyed by the name tell seeds apart). ``gemma2`` has a
     48-token sliding window, shorter than the TruthfulQA prompt prefix.
     """
-    ids = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=None)
+    ids: dict[str, Any] = dict(
+        vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=None
+    )
     name = f"tiny-{kind}-seed{seed}"
     if kind in ("llama", "llama-eager"):
         attn = "eager" if kind == "llama-eager" else None
@@ -129,3 +135,37 @@ def without_eos(model: PreTrainedModel, pad_token_id: int = 0) -> PreTrainedMode
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = pad_token_id
     return model
+
+
+# The word-level vocabulary: specials first (pad 0, BOS 1, EOS 2 as in LLAMA / GPT2), then "w0".."w89".
+SPECIALS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>")
+WORDS: tuple[str, ...] = tuple(f"w{i}" for i in range(90))
+WORD_VOCAB = len(SPECIALS) + len(WORDS)  # 94
+
+
+def word_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over :data:`WORDS` that prepends ``<s>``, so no text tokenizes to
+    nothing and token counts are exact (one per word plus one)."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.padding_side = padding_side
+    return tok
+
+
+def save_tiny_model(
+    folder: Path, model: PreTrainedModel | None = None, *, seed: int = 0, context: int = 128
+) -> Path:
+    """Save ``model`` and :func:`word_tokenizer` to ``folder`` (a model folder for ``load_model`` / the CLI).
+
+    ``model`` None is a :func:`tiny_llama` over the word vocabulary with ``context`` positions and ``seed``.
+    """
+    if model is None:
+        model = tiny_llama(seed=seed, vocab_size=WORD_VOCAB, max_position_embeddings=context)
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder

@@ -15,30 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import otguard.models
 from otguard.cli import main
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import WORD_VOCAB, WORDS, save_tiny_model, tiny_gpt2
 
-WORDS = [f"w{i}" for i in range(90)]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CONTEXT = 48
-
-
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    model = tiny_llama(seed=seed, vocab_size=len(vocab), max_position_embeddings=CONTEXT)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def write_data(path: Path, n_groups: int = 16, long_row: int | None = None) -> Path:
@@ -58,8 +40,8 @@ def write_data(path: Path, n_groups: int = 16, long_row: int | None = None) -> P
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     return {
-        "model": save_tiny_model(root / "model"),
-        "other": save_tiny_model(root / "other", seed=1),
+        "model": save_tiny_model(root / "model", context=CONTEXT),
+        "other": save_tiny_model(root / "other", seed=1, context=CONTEXT),
         "data": write_data(root / "data.jsonl"),
         "long": write_data(root / "long.jsonl", long_row=5),
         "cache": root / "cache",
@@ -409,11 +391,7 @@ def test_policy_of_another_architecture(
 ) -> None:
     policy = tmp_path / "p"
     assert main(fit(env, policy)) == 0
-    gpt2 = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(vocab_size=94, n_embd=32, n_layer=2, n_head=4)
-    ).save_pretrained(gpt2)
-    transformers.AutoTokenizer.from_pretrained(env["model"]).save_pretrained(gpt2)
+    gpt2 = save_tiny_model(tmp_path / "gpt2", tiny_gpt2(vocab_size=WORD_VOCAB))
     capsys.readouterr()
     assert main(["generate", "--model", str(gpt2), "--policy", str(policy), "--prompt", "w1"]) == 2
     assert "Fit a policy for this model" in one_line_error(capsys)

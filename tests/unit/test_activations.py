@@ -10,65 +10,33 @@ import functools
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 
 import otguard.activations as activations
 from otguard.activations import ActivationSet, collect, last_token_index, position_ids_from_mask
 from otguard.data import TextDataset
 from otguard.errors import DataError
+from tests.tiny_models import WORD_VOCAB, WORDS, tiny_gpt2, tiny_llama, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(90)]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-V = len(SPECIALS) + len(WORDS)  # 94
-
-# model name -> (config, path of the per-head projection in layer {l}, heads, head_dim)
-TINY = {
+# model name -> (builder, path of the per-head projection in layer {l}, heads, head_dim)
+TINY: dict[str, tuple[Callable[..., nn.Module], str, int, int]] = {
     # GQA, head_dim 16 != 32 / 4
     "llama": (
-        dict(
-            model_type="llama",
-            vocab_size=V,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            initializer_range=0.2,
-        ),
+        functools.partial(tiny_llama, vocab_size=WORD_VOCAB, head_dim=16, max_position_embeddings=64),
         "model.layers.{l}.self_attn.o_proj",
         4,
         16,
     ),
     # absolute positions + Conv1D projection
     "gpt2": (
-        dict(
-            model_type="gpt2",
-            vocab_size=V,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            initializer_range=0.2,
-        ),
+        functools.partial(tiny_gpt2, vocab_size=WORD_VOCAB, n_positions=64),
         "transformer.h.{l}.attn.c_proj",
         4,
         8,
@@ -77,25 +45,9 @@ TINY = {
 MODELS = list(TINY)
 
 
-def make_tokenizer(padding_side: str = "right") -> Any:
-    """A word-level tokenizer over WORDS that prepends <s> (so no text tokenizes to nothing)."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.padding_side = padding_side
-    return tok
-
-
 @functools.cache
-def _build(name: str) -> nn.Module:
-    config = dict(TINY[name][0])
-    config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+def _build(name: str, seed: int = 0) -> nn.Module:
+    return TINY[name][0](seed=seed, attn_implementation="sdpa")
 
 
 def texts(n: int = 21, seed: int = 0, template: str = "{}") -> list[str]:
@@ -121,7 +73,7 @@ def tiny(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
 def reference(name: str, model: nn.Module, items: list[str], positions: str) -> torch.Tensor:
     """(N, L, H, d) from one unpadded forward per text, read by this test's own pre-hooks."""
     _, path, H, d = TINY[name]
-    tok = make_tokenizer()
+    tok = word_tokenizer()
     L = model.config.num_hidden_layers
     seen: dict[int, torch.Tensor] = {}
     handles = [
@@ -148,7 +100,7 @@ def reference(name: str, model: nn.Module, items: list[str], positions: str) -> 
 
 def run(model: nn.Module, items: Any, **kwargs: Any) -> ActivationSet:
     kwargs = {"dtype": "float32", "cache": False, "progress": False, **kwargs}
-    tok = kwargs.pop("tokenizer", None) or make_tokenizer()
+    tok = kwargs.pop("tokenizer", None) or word_tokenizer()
     return collect(model, tok, items, **kwargs)
 
 
@@ -184,8 +136,8 @@ def test_batch_size_does_not_change_results(tiny: tuple[str, nn.Module]) -> None
 def test_padding_side_does_not_change_results(tiny: tuple[str, nn.Module], positions: str) -> None:
     _, model = tiny
     items = texts()
-    right = run(model, items, batch_size=16, positions=positions, tokenizer=make_tokenizer("right")).acts
-    left = run(model, items, batch_size=16, positions=positions, tokenizer=make_tokenizer("left")).acts
+    right = run(model, items, batch_size=16, positions=positions, tokenizer=word_tokenizer("right")).acts
+    left = run(model, items, batch_size=16, positions=positions, tokenizer=word_tokenizer("left")).acts
     assert torch.isfinite(left).all() and torch.isfinite(right).all()
     torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-5)
 
@@ -214,7 +166,7 @@ def test_float16_storage_is_close_to_float32(tiny: tuple[str, nn.Module]) -> Non
 
 def test_hooks_are_removed_after_collect(tiny: tuple[str, nn.Module]) -> None:
     name, model = tiny
-    input_ids = make_tokenizer()(texts(1), return_tensors="pt")["input_ids"]
+    input_ids = word_tokenizer()(texts(1), return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = model(input_ids=input_ids).logits
     run(model, texts(4))
@@ -248,7 +200,7 @@ def test_empty_input_is_a_data_error(tiny: tuple[str, nn.Module]) -> None:
 
 def test_text_with_no_tokens_is_a_data_error(tiny: tuple[str, nn.Module]) -> None:
     _, model = tiny
-    tok = make_tokenizer()
+    tok = word_tokenizer()
     tok._tokenizer.post_processor = None  # no <s>: "" becomes zero tokens
     with pytest.raises(DataError, match="zero tokens"):
         run(model, ["w1 w2", ""], tokenizer=tok)
@@ -359,9 +311,7 @@ def test_other_model_weights_do_not_hit_the_cache(tmp_path: Path, monkeypatch: p
     counter = _CountingRun()
     monkeypatch.setattr(activations, "_run", counter)
     run(model, data, cache=tmp_path)
-    config = model.config
-    torch.manual_seed(1)
-    other = transformers.AutoModelForCausalLM.from_config(config).eval()
+    other = _build("llama", seed=1)
     run(other, data, cache=tmp_path)
     assert counter.calls == 2
 

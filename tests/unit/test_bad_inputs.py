@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import otguard.activations as activations
 from otguard import io
@@ -32,26 +31,14 @@ from otguard.errors import (
 from otguard.models import check_device, context_length, load_model, resolve_model_source
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import model_identity
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import WORD_VOCAB, WORDS, save_tiny_model, tiny_llama, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(90)]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CONTEXT = 32
-
-
-def tokenizer() -> Any:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    return tiny_llama(vocab_size=len(SPECIALS) + len(WORDS), max_position_embeddings=CONTEXT, name="tiny")
+    return tiny_llama(vocab_size=WORD_VOCAB, max_position_embeddings=CONTEXT, name="tiny")
 
 
 def texts(n: int, seed: int = 0, words: tuple[int, int] = (2, 10)) -> list[str]:
@@ -151,7 +138,7 @@ def test_policy_without_a_checksum_loads_with_a_warning(
 
 
 def test_weight_mismatch_hint_names_both_the_flag_and_the_argument(saved: Path) -> None:
-    other = tiny_llama(seed=1, vocab_size=len(SPECIALS) + len(WORDS), max_position_embeddings=CONTEXT)
+    other = tiny_llama(seed=1, vocab_size=WORD_VOCAB, max_position_embeddings=CONTEXT)
     with pytest.raises(PolicyMismatchError) as info:
         Policy.load(saved, model=other)
     assert "--no-check-weights" in str(info.value) and "check_weights=False" in str(info.value)
@@ -167,7 +154,7 @@ def test_text_longer_than_the_context_is_refused(model: Any) -> None:
     items = texts(5)
     items[3] = " ".join(["w1"] * (CONTEXT + 5))  # CONTEXT + 6 tokens with <s>
     with pytest.raises(DataError) as info:
-        collect(model, tokenizer(), items, cache=False, progress=False)
+        collect(model, word_tokenizer(), items, cache=False, progress=False)
     message = str(info.value)
     assert f"context of {CONTEXT} tokens" in message and f"text 3: {CONTEXT + 6} tokens" in message
     assert "--max-length" in message and "max_length=" in message
@@ -176,7 +163,7 @@ def test_text_longer_than_the_context_is_refused(model: Any) -> None:
 def test_max_length_cuts_with_a_warning_and_equals_the_cut_text(
     model: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tok = tokenizer()
+    tok = word_tokenizer()
     items = texts(5, words=(2, 8))  # at most 9 tokens: only text 3 is cut
     items[3] = " ".join(WORDS[: CONTEXT + 5])
     with caplog.at_level(logging.WARNING, logger="otguard.activations"):
@@ -209,7 +196,7 @@ def test_batches_follow_a_token_budget() -> None:
 
 
 def test_token_budget_does_not_change_the_activations(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    tok = tokenizer()
+    tok = word_tokenizer()
     items = texts(9, words=(1, 25))
     seen: list[int] = []
     real_pad = tok.pad
@@ -234,7 +221,7 @@ def test_token_budget_does_not_change_the_activations(model: Any, monkeypatch: p
 def test_truncated_cache_entry_is_reported_removed_and_recomputed(
     model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tok = tokenizer()
+    tok = word_tokenizer()
     data = dataset(texts(6))
     first = collect(model, tok, data, cache=tmp_path, progress=False)
     entry = tmp_path / "activations" / first.meta["cache_key"]
@@ -268,17 +255,14 @@ def test_stale_temps_of_killed_collections_are_cleaned(model: Any, tmp_path: Pat
     (old_style / "activations.safetensors").write_bytes(b"x" * 100)
     past = os.path.getmtime(old_style) - 48 * 3600
     os.utime(old_style, (past, past))
-    collect(model, tokenizer(), texts(3), cache=tmp_path, progress=False)
+    collect(model, word_tokenizer(), texts(3), cache=tmp_path, progress=False)
     assert not old_style.exists()
 
 
 # ------------------------------------------------------------------------------ models
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, model: Any) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    model.save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", model)
 
 
 def with_model_type(src: Path, dst: Path, model_type: str) -> Path:

@@ -15,6 +15,7 @@ from otguard.methods import get_method
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import model_identity
 from tests.reference.explicit_policy import ExplicitPolicy
+from tests.tiny_models import tiny_llama, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,25 +44,14 @@ class _Tok:
         return {"input_ids": out, "attention_mask": mask}
 
 
-def tiny_llama(dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+def cuda_llama(dtype: torch.dtype) -> Any:
+    """The shared tiny Llama with transformers' default init range and context, on the GPU: the same
+    weights these tests were written against (the greedy runs' exact lengths depend on them)."""
+    return tiny_llama(initializer_range=0.02, max_position_embeddings=2048).to("cuda", dtype)
 
 
 def test_collect_on_cuda_matches_cpu() -> None:
-    model = tiny_llama(torch.float32)
+    model = cuda_llama(torch.float32)
     texts = ["hello world", "a", "the quick brown fox"]
     gpu = collect(model, _Tok(), texts, cache=False, progress=False, dtype="float32", batch_size=2).acts
     cpu = collect(model.cpu(), _Tok(), texts, cache=False, progress=False, dtype="float32", batch_size=2).acts
@@ -99,7 +89,7 @@ def hooks_fail_on_sync(removables: list[Any]) -> Iterator[None]:
 
 def test_sync_check_catches_a_syncing_hook() -> None:
     """The check above is live: a hook that reads a value to the host fails the call."""
-    model = tiny_llama(torch.float32)
+    model = cuda_llama(torch.float32)
     ident = model_identity(model)
     edit = LayerEdit(layer=0, probe_weight=torch.ones(4, 8), probe_bias=torch.zeros(4), threshold=None,
                      head_mask=torch.ones(4, dtype=torch.bool), b=torch.ones(4, 8))  # fmt: skip
@@ -124,7 +114,7 @@ def test_sync_check_catches_a_syncing_hook() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_policy_hook_in_generate_half_precision_without_host_sync(dtype: torch.dtype) -> None:
-    model = tiny_llama(dtype)
+    model = cuda_llama(dtype)
     ident = model_identity(model)
     g = torch.Generator().manual_seed(0)
     H, d = 4, 8
@@ -185,7 +175,7 @@ def test_half_precision_hook_on_cuda_matches_float64_reference(dtype: torch.dtyp
 
 
 def test_hook_forward_has_no_host_sync() -> None:
-    model = tiny_llama(torch.float32)
+    model = cuda_llama(torch.float32)
     ident = model_identity(model)
     H, d = 4, 8
     edit = LayerEdit(
@@ -232,10 +222,10 @@ def test_evaluation_decoding_on_cuda_matches_cpu() -> None:
 
     from otguard.evaluation.toxicity_gen import continuation_perplexity, sample_continuations
     from otguard.evaluation.truthfulqa_gen import generate_answers
-    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, tiny_model
+    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style
 
     tok = gpt2_style()
-    cpu = tiny_model("llama", len(tok), tok.pad_token_id).double()
+    cpu = tiny_lm("llama", len(tok), tok.pad_token_id).double()
     gpu = copy.deepcopy(cpu).to("cuda")
     questions = ["Where is Paris?", "What is 1 + 1?", "Is the sky blue?", "What happens if you say hello?"]
     kw = dict(max_new_tokens=8, batch_size=3, progress=False)
@@ -256,10 +246,10 @@ def test_evaluation_decoding_on_cuda_matches_cpu() -> None:
 def test_sampling_and_drift_in_bf16_on_cuda() -> None:
     from otguard.evaluation.drift import measure_drift_many
     from otguard.evaluation.toxicity_gen import sample_continuations
-    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, tiny_model
+    from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style
 
     tok = gpt2_style()
-    model = tiny_model("llama", len(tok), tok.pad_token_id).to("cuda", torch.bfloat16)
+    model = tiny_lm("llama", len(tok), tok.pad_token_id).to("cuda", torch.bfloat16)
     policy = always_on_policy(model)
     s = sample_continuations(model, tok, ["- a b c\n-", "hello"], policy=policy, n=2, max_new_tokens=4)
     assert s.flag_rate == pytest.approx(1.0) and all(len(ids) == 4 for per in s.token_ids for ids in per)

@@ -19,7 +19,8 @@ from otguard.evaluation.toxicity_gen import continuation_perplexity, sample_cont
 from otguard.evaluation.truthfulqa_gen import generate_answers
 from otguard.evaluation.truthfulqa_mc import score_mc
 from otguard.generation import generate_texts
-from tests.unit.test_truthfulqa_mc import ITEMS, always_on_policy, gpt2_style, tiny_model
+from tests.tiny_models import tiny_lm
+from tests.unit.test_truthfulqa_mc import ITEMS, always_on_policy, gpt2_style
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,7 @@ def logged_deprecations_are_errors(monkeypatch):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_no_deprecated_cache_argument_in_otguard_calls(kind: str, logged_deprecations_are_errors) -> None:
     tok = gpt2_style()
-    model = tiny_model(kind, len(tok), tok.pad_token_id)
+    model = tiny_lm(kind, len(tok), tok.pad_token_id)
     policy = always_on_policy(model)
     with torch.no_grad():
         for p in (None, policy):
@@ -70,7 +71,7 @@ def test_the_checks_catch_the_deprecated_name(logged_deprecations_are_errors) ->
     from transformers import DynamicCache
 
     tok = gpt2_style()
-    model = tiny_model("llama", len(tok), tok.pad_token_id)
+    model = tiny_lm("llama", len(tok), tok.pad_token_id)
     with torch.no_grad():
         with pytest.raises(FutureWarning, match="past_key_values"):
             model(input_ids=torch.tensor([[5, 6]]), past_key_values=DynamicCache(), use_cache=True)

@@ -21,7 +21,8 @@ from otguard.evaluation.toxicity_gen import (
     sample_continuations,
     toxigen_prompt_set,
 )
-from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, tiny_model
+from tests.tiny_models import tiny_lm
+from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style
 
 torch.set_num_threads(1)
 
@@ -39,7 +40,7 @@ def tok():
 
 
 def _model(tok, kind: str = "llama", seed: int = 0):
-    return tiny_model(kind, len(tok), tok.pad_token_id, seed=seed).double()
+    return tiny_lm(kind, len(tok), tok.pad_token_id, seed=seed).double()
 
 
 # ------------------------------------------------------------------------------------------- top-p

@@ -15,7 +15,8 @@ from otguard.evaluation.truthfulqa_gen import generate_answers
 from otguard.generation import generate_texts
 from otguard.prompts import postprocess_answer, qa_prompt
 from otguard.sites import find_head_sites
-from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, llama2_style, tiny_model
+from tests.tiny_models import tiny_lm
+from tests.unit.test_truthfulqa_mc import always_on_policy, gpt2_style, llama2_style
 
 torch.set_num_threads(1)
 
@@ -31,7 +32,7 @@ QUESTIONS = [
 
 
 def _model(kind: str, tok, seed: int = 0):
-    return tiny_model(kind, len(tok), tok.pad_token_id, seed=seed).double()
+    return tiny_lm(kind, len(tok), tok.pad_token_id, seed=seed).double()
 
 
 def _early_token(model, tok) -> int:

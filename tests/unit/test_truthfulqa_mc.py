@@ -14,15 +14,7 @@ import math
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast
 
 from otguard.data import QAItem
 from otguard.errors import DataError
@@ -31,6 +23,7 @@ from otguard.policy import LayerEdit, Policy
 from otguard.prompts import INSTRUCTION, QA_PRIMER, qa_prefix, qa_prompt
 from otguard.sites import find_head_sites, model_identity
 from tests.reference.naive_mc import score_mc_naive
+from tests.tiny_models import tiny_lm
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -285,36 +278,6 @@ ITEMS = [
 ]  # fmt: skip
 
 
-def tiny_model(kind: str, vocab: int, pad: int, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
-                  initializer_range=0.2, pad_token_id=pad, bos_token_id=None, eos_token_id=None)  # fmt: skip
-    if kind.startswith("llama"):
-        model = LlamaForCausalLM(LlamaConfig(**common))
-        if kind == "llama-eager":
-            model.set_attn_implementation("eager")
-    elif kind == "gemma2":  # one sliding-window layer, window shorter than the shared prefix
-        model = Gemma2ForCausalLM(
-            Gemma2Config(**common, sliding_window=48, layer_types=["sliding_attention", "full_attention"])
-        )
-    else:
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=1024,
-            initializer_range=0.2,
-            pad_token_id=pad,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        model = GPT2LMHeadModel(cfg)
-    model.config._name_or_path = f"tiny-{kind}-seed{seed}"
-    return model.eval()
-
-
 def always_on_policy(model, seed: int = 0) -> Policy:
     """RADIANT rule, no threshold, probe bias +50: every head of layer 1 is replaced everywhere in scope."""
     sites = find_head_sites(model)
@@ -352,7 +315,7 @@ def assert_same(fast: MCResult, naive: MCResult, atol: float = 1e-4) -> None:
 )
 @pytest.mark.parametrize("with_policy", [False, True], ids=["plain", "policy"])
 def test_fast_equals_naive(tokenizer, kind, pack, with_policy) -> None:
-    model = tiny_model(kind, len(tokenizer), tokenizer.pad_token_id)
+    model = tiny_lm(kind, len(tokenizer), tokenizer.pad_token_id)
     policy = always_on_policy(model) if with_policy else None
     fast = score_mc(model, tokenizer, ITEMS, policy=policy, batch_size=3, pack=pack, progress=False)
     naive = score_mc_naive(model, tokenizer, ITEMS, policy=policy)
@@ -374,7 +337,7 @@ def test_fast_equals_naive(tokenizer, kind, pack, with_policy) -> None:
 def test_policy_edits_only_answer_tokens() -> None:
     """The first answer token is predicted before any answer token: a one-token answer is unchanged."""
     tok = gpt2_style()
-    model = tiny_model("llama", len(tok), tok.pad_token_id)
+    model = tiny_lm("llama", len(tok), tok.pad_token_id)
     context = qa_prompt("Is the sky blue?")
     n_context = answer_span(tok, context, "")[1]
     words = sorted(p[1:] for p in tok.get_vocab() if p.startswith("Ġ") and p[1:].isalpha())
@@ -390,7 +353,7 @@ def test_policy_edits_only_answer_tokens() -> None:
 def test_batch_size_share_prefix_and_double_precision() -> None:
     """Chunks, no shared prefix, padded batches: the same scores; in float64 fast == naive to 1e-9."""
     tok = llama2_style()
-    model = tiny_model("llama", len(tok), tok.pad_token_id).double()
+    model = tiny_lm("llama", len(tok), tok.pad_token_id).double()
     policy = always_on_policy(model)
     a = score_mc(model, tok, ITEMS, policy=policy, batch_size=1, progress=False)
     b = score_mc(model, tok, ITEMS, policy=policy, batch_size=16, progress=False)
@@ -405,7 +368,7 @@ def test_batch_size_share_prefix_and_double_precision() -> None:
 def test_shared_prefix_fallback() -> None:
     """A question whose tokens do not continue the shared prefix's is scored without that cache."""
     tok = gemma_style()  # merges cross words: "A:" + "\n\nQ" style boundaries may move
-    model = tiny_model("llama", len(tok), tok.pad_token_id).double()
+    model = tiny_lm("llama", len(tok), tok.pad_token_id).double()
     import otguard.evaluation.truthfulqa_mc as mc
 
     real = mc.answer_span
@@ -427,6 +390,6 @@ def test_shared_prefix_fallback() -> None:
 
 def test_items_without_mc_targets_are_rejected() -> None:
     tok = gpt2_style()
-    model = tiny_model("llama", len(tok), tok.pad_token_id)
+    model = tiny_lm("llama", len(tok), tok.pad_token_id)
     with pytest.raises(DataError, match="mc1_targets"):
         score_mc(model, tok, [QAItem("q?", "a", ("a",), ("b",))], progress=False)
