@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from otguard.errors import PolicyError
-from otguard.hook import PolicyHandle
+from otguard.hook import MODES, Mode, PolicyHandle
 from otguard.io import atomic_dir, package_version, sha256_file
 from otguard.sites import ModelIdentity, find_head_sites, model_identity
 
@@ -150,8 +150,12 @@ class Policy:
 
         Tensors are loaded on the CPU in float32; :meth:`attach` moves them to the hooked
         module's device and dtype, so a policy fitted on one machine/device works on another.
+        ``directory`` may be ``hf://org/name[@revision]`` (see :mod:`otguard.hub`): downloaded once
+        into the Hub cache, then checked like a local folder.
         """
-        path = Path(directory)
+        from otguard.hub import resolve_policy_path
+
+        path = resolve_policy_path(directory)
         spec = read_spec(path)
         tensor_file = path / TENSORS_FILE
         try:
@@ -223,23 +227,71 @@ class Policy:
         scope: Scope | None = None,
         kappa: float | None = None,
         check_weights: bool = True,
+        mode: Mode = "repair",
+        record: bool = False,
     ) -> PolicyHandle:
         """Register the edit hooks on ``model``; returns a handle that is also a context manager.
 
         ``scope``: ``"generation"`` (the last prompt token and every generated token),
         ``"answer"`` (positions from ``handle.set_answer_start(...)`` on) or ``"all"``.
         ``kappa`` overrides the SLIM strength without refitting.
+        ``mode``: ``"repair"`` detects and edits; ``"monitor"`` detects and counts the same way but
+        edits nothing (the outputs are the plain model's). ``record=True`` keeps the per-row,
+        per-position detector record (``handle.records()``, ``handle.stats_per_row()``).
         """
         scope = scope or self.scope
         if scope not in _SCOPES:
             raise PolicyError(f"Unknown edit scope {scope!r}; use one of {_SCOPES}.")
+        if mode not in MODES:
+            raise PolicyError(f"Unknown mode {mode!r}; use one of {MODES}.")
         sites = find_head_sites(model)
         self.model.check_compatible(model_identity(model, sites), check_weights=check_weights)
-        return PolicyHandle(self, model, sites, scope, self.kappa if kappa is None else float(kappa))
+        kappa = self.kappa if kappa is None else float(kappa)
+        return PolicyHandle(self, model, sites, scope, kappa, mode=mode, record=record)
 
     def with_kappa(self, kappa: float) -> Policy:
         """A copy with another SLIM strength (no refit needed)."""
         return replace(self, kappa=float(kappa))
+
+    # ------------------------------------------------------------------ Hugging Face Hub
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Publish this policy (its two files and a model card) to the Hub repository ``repo_id``.
+
+        See :func:`otguard.hub.push_to_hub` (``path_in_repo``, ``license``, ``endpoint``).
+        """
+        from otguard.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, **kwargs)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        model: Any = None,
+        check_weights: bool = True,
+        **kwargs: Any,
+    ) -> Policy:
+        """Load a policy from a local folder, a Hub repository ``org/name`` or ``hf://org/name[@rev]``.
+
+        Only ``policy.json`` and ``tensors.safetensors`` are downloaded, then :meth:`load` checks
+        them as it checks any folder. See :func:`otguard.hub.from_pretrained` (``cache_dir``, ``token``).
+        """
+        from otguard.hub import from_pretrained
+
+        return from_pretrained(cls, source, revision=revision, model=model, check_weights=check_weights,
+                               **kwargs)  # fmt: skip
 
     def summary(self) -> str:
         """One line for logs and the CLI."""

@@ -44,7 +44,7 @@ def test_generate_edits_every_position_with_and_without_cache(smollm2) -> None:
     # One edited layer: per row, the last prompt token + the generated tokens fed back (all but the last).
     assert stats["positions"] == len(policy.layers) * B * new == ref.n_in_scope
     assert stats["flag_rate"] == ref.n_flagged / ref.n_in_scope
-    assert stats["edited_heads_per_flag"] == ref.n_edited_heads / ref.n_flagged
+    assert stats["edited_heads_per_flag"] == ref.n_edited_heads / ref.n_flagged_positions
     assert 0 < ref.n_flagged < ref.n_in_scope
     assert torch.equal(cached, uncached), "greedy tokens differ with and without the KV cache"
     assert torch.equal(cached, reference)

@@ -18,6 +18,11 @@ and, if the row is flagged and the position is in scope, edits head ``h``:
 positions ``>= start[i]`` (no edit before :meth:`ExplicitPolicy.set_answer_start`); ``"all"`` edits
 every position.
 
+Detector record: for every in-scope (call, row, position, layer) it logs the vote count, the layer's
+flag, the edited heads and how many of them the head's own probe calls desirable (logit < 0) after
+the edit, and after the full map ``A a + b`` (:attr:`ExplicitPolicy.log`). ``mode="monitor"``
+computes all of it but returns the activations unchanged.
+
 The past length is read from the cache the model is called with (0 without one), whatever the call
 names it: ``cache=`` (transformers' ``generate`` since the 5.2x rename), ``past_key_values=`` or a
 positional argument; the prompt length is the length of the first forward call after
@@ -39,7 +44,8 @@ class ExplicitPolicy:
     """Attach ``policy`` to ``model`` with Python loops; a context manager like ``PolicyHandle``."""
 
     def __init__(
-        self, policy: Any, model: Any, *, scope: str | None = None, kappa: float | None = None
+        self, policy: Any, model: Any, *, scope: str | None = None, kappa: float | None = None,
+        mode: str = "repair",
     ) -> None:
         self.policy = policy
         self.model = model
@@ -52,6 +58,10 @@ class ExplicitPolicy:
         self.n_in_scope = 0
         self.n_flagged = 0
         self.n_edited_heads = 0
+        self.mode = mode
+        self.call = -1  # index of the forward call, for the log
+        # (call, row, position, layer) -> dict(votes, flagged, edited, desirable, mapped_desirable)
+        self.log: dict[tuple[int, int, int, int], dict[str, int]] = {}
         sites = find_head_sites(model)
         self.n_heads = sites.n_heads
         self._handles = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
@@ -81,7 +91,13 @@ class ExplicitPolicy:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    @property
+    def n_flagged_positions(self) -> int:
+        """(call, row, position) triples flagged on at least one edited layer."""
+        return len({key[:3] for key, entry in self.log.items() if entry["flagged"]})
+
     def _top_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.call += 1
         ids = kwargs.get("input_ids")
         if ids is None and args:
             ids = args[0]
@@ -114,6 +130,7 @@ class ExplicitPolicy:
 
     # ----------------------------------------------------------------- the rule
     def _make_hook(self, edit: Any) -> Any:
+        layer_index = [e.layer for e in self.policy.layers].index(edit.layer)
         rule, kappa, n_heads = self.policy.rule, self.kappa, self.n_heads
         weight = edit.probe_weight.double()
         bias = edit.probe_bias.double()
@@ -140,6 +157,9 @@ class ExplicitPolicy:
                         probs.append(p)
                         votes.append(p > 0.5)
                     flagged = True if edit.threshold is None else sum(votes) >= edit.threshold
+                    entry = {"votes": sum(votes), "flagged": int(flagged), "edited": 0, "desirable": 0,
+                             "mapped_desirable": 0}  # fmt: skip
+                    self.log[(self.call, i, position, layer_index)] = entry
                     if not flagged:
                         continue
                     self.n_flagged += 1
@@ -149,18 +169,21 @@ class ExplicitPolicy:
                             continue
                         a = heads[h]
                         if rule == "shift":
-                            new[h] = a + b[h]
-                            self.n_edited_heads += 1
-                            continue
-                        if not votes[h]:
-                            continue
-                        mapped = (A[h] @ a if A is not None else a) + b[h]
-                        if rule == "replace":
-                            new[h] = mapped
-                        else:  # kappa-p
-                            new[h] = a + kappa * probs[h] * (mapped - a)
+                            new[h] = mapped = a + b[h]
+                        else:
+                            if not votes[h]:
+                                continue
+                            mapped = (A[h] @ a if A is not None else a) + b[h]
+                            if rule == "replace":
+                                new[h] = mapped
+                            else:  # kappa-p
+                                new[h] = a + kappa * probs[h] * (mapped - a)
                         self.n_edited_heads += 1
-                    out[i, t] = new.reshape(-1).to(device=x.device, dtype=x.dtype)
+                        entry["edited"] += 1
+                        entry["desirable"] += int(float(torch.dot(weight[h], new[h]) + bias[h]) < 0)
+                        entry["mapped_desirable"] += int(float(torch.dot(weight[h], mapped) + bias[h]) < 0)
+                    if self.mode == "repair":
+                        out[i, t] = new.reshape(-1).to(device=x.device, dtype=x.dtype)
             return (out, *args[1:])
 
         return hook

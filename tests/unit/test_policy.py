@@ -186,7 +186,8 @@ def test_hook_matches_reference(llama, rule, scope, padding, n, gated):
         assert ref.n_flagged < ref.n_in_scope
     assert stats["positions"] == ref.n_in_scope
     assert stats["flag_rate"] == pytest.approx(ref.n_flagged / ref.n_in_scope)
-    assert stats["edited_heads_per_flag"] == pytest.approx(ref.n_edited_heads / ref.n_flagged)
+    assert stats["flagged_positions"] == ref.n_flagged_positions
+    assert stats["edited_heads_per_flag"] == pytest.approx(ref.n_edited_heads / ref.n_flagged_positions)
 
 
 @pytest.mark.parametrize("scope", ["generation", "all", "answer"])
@@ -341,12 +342,16 @@ def test_stats_always_flag_policy(llama):
     always = random_policy(llama, rule="shift", thresholds=(None, None), scope="all")
     gated = random_policy(llama, rule="replace", scope="all")
     with always.attach(llama) as handle:
-        assert handle.stats() == {"positions": 0.0, "flag_rate": 0.0, "edited_heads_per_flag": 0.0}
+        assert handle.stats() == {"positions": 0.0, "flag_rate": 0.0, "flagged_positions": 0.0,
+                                  "position_flag_rate": 0.0, "edited_heads": 0.0,
+                                  "edited_heads_per_flag": 0.0}  # fmt: skip
         logits_of(llama, ids, mask)
         stats = handle.stats()
     assert stats["positions"] == 2 * ids.numel()
     assert stats["flag_rate"] == 1.0
-    assert stats["edited_heads_per_flag"] == 3.0  # 3 of 4 heads in the mask
+    # 3 of 4 heads in the mask, on each of the 2 edited layers: summed over layers, not a mean per layer.
+    assert stats["edited_heads_per_flag"] == 6.0
+    assert stats["flagged_positions"] == ids.numel() and stats["position_flag_rate"] == 1.0
     with gated.attach(llama) as handle:
         logits_of(llama, ids, mask)
         stats = handle.stats()
@@ -497,7 +502,10 @@ def assert_same_counts(stats: dict[str, float], ref: ExplicitPolicy) -> None:
     """The handle's statistics are the reference's counts (votes and flags identical, not close)."""
     assert stats["positions"] == ref.n_in_scope
     assert stats["flag_rate"] == (ref.n_flagged / ref.n_in_scope if ref.n_in_scope else 0.0)
-    assert stats["edited_heads_per_flag"] == (ref.n_edited_heads / ref.n_flagged if ref.n_flagged else 0.0)
+    assert stats["flagged_positions"] == ref.n_flagged_positions
+    n_flagged = ref.n_flagged_positions
+    assert stats["edited_heads"] == ref.n_edited_heads
+    assert stats["edited_heads_per_flag"] == (ref.n_edited_heads / n_flagged if n_flagged else 0.0)
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -98,6 +98,8 @@ class DriftResult:
     n_tokens: int
     flag_rate: float | None = None
     edited_heads_per_flag: float | None = None
+    edited_heads: float | None = None  # counts behind edited_heads_per_flag (summed over layers), so
+    flagged_positions: float | None = None  # that runs over several folds combine as a ratio of sums
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +175,7 @@ class _DriftAccumulator:
         self.n_tok = 0
         self.kl_docs: list[float] = []
         self.positions = self.flagged = self.heads = 0.0
+        self.flagged_positions = 0.0  # flagged on some layer: the denominator of edited heads per flag
 
     def add(self, logp_o: torch.Tensor, logp_s: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
             stats: dict[str, float] | None) -> None:  # fmt: skip
@@ -192,16 +195,20 @@ class _DriftAccumulator:
             flagged = stats["flag_rate"] * stats["positions"]
             self.positions += stats["positions"]
             self.flagged += flagged
-            self.heads += stats["edited_heads_per_flag"] * flagged
+            self.heads += stats["edited_heads"]  # summed over layers (hook.PolicyHandle.stats)
+            self.flagged_positions += stats["flagged_positions"]
 
     def result(self, has_policy: bool) -> DriftResult:
         flag_rate = heads = None
         if has_policy and self.positions:
             flag_rate = self.flagged / self.positions
-            heads = self.heads / self.flagged if self.flagged else 0.0
+            heads = self.heads / self.flagged_positions if self.flagged_positions else 0.0
         ce, ce_orig = self.nll / self.n_tok, self.nll_orig / self.n_tok
         if not (math.isfinite(ce) and math.isfinite(ce_orig)):
             raise FloatingPointError("CE is not finite: the policy produced NaN/inf activations.")
         kl = float(np.mean(self.kl_docs))
+        counted = heads is not None
         return DriftResult(ce=ce, ce_original=ce_orig, kl=kl, n_docs=len(self.kl_docs), n_tokens=self.n_tok,
-                           flag_rate=flag_rate, edited_heads_per_flag=heads)  # fmt: skip
+                           flag_rate=flag_rate, edited_heads_per_flag=heads,
+                           edited_heads=self.heads if counted else None,
+                           flagged_positions=self.flagged_positions if counted else None)  # fmt: skip
