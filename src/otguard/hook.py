@@ -256,6 +256,20 @@ class PolicyHandle:
             })  # fmt: skip
         return out
 
+    def last_call_flags(self, batch: int) -> torch.Tensor:
+        """Whether some hooked layer flagged each row at the last position of the forward call that just
+        ran: a ``(batch,)`` bool tensor on the device, no host sync (a decoder reads it together with
+        the next tokens). Valid until the next forward call; rows whose batch changes between calls
+        (a server that drops or adds rows) read it per call, which is why it exists beside
+        :meth:`records`.
+        """
+        state = self.state
+        if state.call_all:
+            return torch.ones(batch, dtype=torch.bool)
+        if state.call_any is None:  # the call had no position in scope
+            return torch.zeros(batch, dtype=torch.bool)
+        return state.call_any.reshape(batch, -1)[:, -1]
+
     def stats_per_row(self, end: Sequence[int] | torch.Tensor | None = None) -> list[dict[str, float]]:
         """Per batch row: ``positions`` (in scope), ``flagged_positions``, ``flag_rate`` and ``flagged``
         (whether any position was flagged), from :meth:`records` (needs ``record=True``).

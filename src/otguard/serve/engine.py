@@ -148,21 +148,9 @@ class _Row:
 
 # ---------------------------------------------------------------- flags of the current positions
 def _row_flags(handle: Any, batch: int) -> torch.Tensor | None:
-    """Whether any hooked layer flagged each row at the last position of the forward call that just ran.
-
-    A device tensor ``(batch,)`` (no host sync here); None without a policy. Read from the handle's
-    state of the call in progress (``call_any``: ``(B, T_in_scope)`` flags OR-ed over the hooked
-    layers, or ``call_all`` when an ungated layer flags every position), which the hook folds into
-    its counters when the next call starts; see /work/notes/hook-api.md and ``otguard.hook``.
-    """
-    if handle is None:
-        return None
-    state = handle.state
-    if state.call_all:
-        return torch.ones(batch, dtype=torch.bool)
-    if state.call_any is None:  # the call had no position in scope
-        return torch.zeros(batch, dtype=torch.bool)
-    return state.call_any.reshape(batch, -1)[:, -1]
+    """Whether any hooked layer flagged each row at the last position of the forward call that just ran
+    (a device tensor ``(batch,)``, no host sync); None without a policy."""
+    return None if handle is None else handle.last_call_flags(batch)
 
 
 class Engine:
