@@ -24,7 +24,7 @@ def test_make_judge():
     assert isinstance(judge, OpenAIJudge) and judge.name == "openai:m"
     with pytest.raises(ValueError, match="Unknown judge"):
         make_judge("gpt-judge")
-    assert JUDGE_NAMES == ("sem", "bleu", "rougeL", "openai")
+    assert JUDGE_NAMES == ("sem", "bleu", "rougeL", "openai", "learned")
 
 
 def test_make_scorer(monkeypatch):

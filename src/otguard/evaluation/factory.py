@@ -1,7 +1,7 @@
 """Judges and toxicity scorers built from the short names the CLI and the run configuration use.
 
-The one place that knows every implementation: :func:`make_judge` (``sem``, ``bleu``, ``rougeL``,
-``openai``) and :func:`make_scorer` (``profanity``, ``embedding``, ``detoxify``, ``perspective``).
+The one place that knows every implementation: :func:`make_judge` (``learned``, ``sem``, ``bleu``,
+``rougeL``, ``openai``) and :func:`make_scorer` (``profanity``, ``embedding``, ``detoxify``, ``perspective``).
 The protocols they return are :class:`~otguard.evaluation.verdicts.Judge` and
 :class:`~otguard.evaluation.toxicity_scorers.ToxicityScorer`.
 """
@@ -24,19 +24,30 @@ from otguard.evaluation.verdicts import Judge
 
 __all__ = ["JUDGE_NAMES", "SCORER_NAMES", "make_judge", "make_scorer"]
 
-JUDGE_NAMES = ("sem", "bleu", "rougeL", "openai")
+JUDGE_NAMES = ("sem", "bleu", "rougeL", "openai", "learned")
 SCORER_NAMES = ("embedding", "profanity", "detoxify", "perspective")
 
 
 def make_judge(spec: str, **kwargs: Any) -> Judge:
     """Build a judge from a short name (for CLIs).
 
+    ``"learned"``: truth and info judges trained on TruthfulQA's human labels (keyword arguments
+    ``data_dir``, ``labels`` = ``"truthfulqa"``, ``"nqopen"`` or a label-file path, ``settings``,
+    ``cache``; trained once, then read from the otguard cache); ``"learned:<folder or Hub repo>"``
+    loads a saved one (:class:`~otguard.evaluation.learned_judge.LearnedJudge`).
     ``"sem"`` / ``"sem:<embedding model>"`` (default ``minilm``; ``embedder=`` overrides),
     ``"bleu"``, ``"rougeL"``, ``"openai"`` (keyword arguments and the environment, see
     :meth:`~otguard.evaluation.llm_judge.OpenAIJudge.from_env`).
     """
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
+    if kind == "learned":
+        from otguard.evaluation.learned_judge import LearnedJudge
+
+        if arg:
+            return LearnedJudge.load(arg)
+        labels = kwargs.pop("labels", None) or "truthfulqa"
+        return LearnedJudge.from_labels(labels, kwargs.pop("data_dir", None), **kwargs)
     if kind == "sem":
         embedder = kwargs.pop("embedder", None)
         if embedder is None:
@@ -46,7 +57,10 @@ def make_judge(spec: str, **kwargs: Any) -> Judge:
         return ReferenceOverlapJudge("bleu" if kind == "bleu" else "rougeL", **kwargs)
     if kind == "openai":
         return OpenAIJudge.from_env(**kwargs)
-    raise ValueError(f"Unknown judge {spec!r}; use 'sem', 'sem:<model>', 'bleu', 'rougeL' or 'openai'.")
+    raise ValueError(
+        f"Unknown judge {spec!r}; use 'learned', 'learned:<folder>', 'sem', 'sem:<model>', 'bleu', 'rougeL' "
+        "or 'openai'."
+    )
 
 
 def make_scorer(spec: str, **kwargs: Any) -> ToxicityScorer:
