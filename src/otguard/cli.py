@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with or without a policy")
     _add_common(p)
-    p.add_argument("--policy", default="none", help="policy folder, or none for the plain model")
+    p.add_argument("--policy", default="none",
+                   help="policy folder or hf://org/name[@revision], or none for the plain model")  # fmt: skip
     p.add_argument(
         "--prompt", action="append", required=True, type=_non_empty, help="prompt (repeat for several)"
     )
@@ -254,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load a policy onto a model with the same architecture but other weights (e.g. a re-saved copy)",
     )
+
+    p = sub.add_parser(
+        "evaluate",
+        help="does a fitted policy help? held-out TruthfulQA questions with and without it, judged, "
+        "with repairs, harms and the detector's rates where it runs",
+    )
+    _add_common(p)
+    p.add_argument("--policy", required=True, help="policy folder (from `otguard fit`) or hf://org/name")
+    p.add_argument("--data-dir", default=None,
+                   help="TruthfulQA folder (else $OTGUARD_DATA_DIR, else the HF Hub)")  # fmt: skip
+    p.add_argument("--questions", type=_int_at_least(1), default=100,
+                   help="seeded sample of the policy's test-fold questions (default 100)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the question sample")
+    p.add_argument("--judge", default="learned",
+                   help="learned (trained on TruthfulQA's human labels; the default), sem or openai")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
+    p.add_argument("--examples", type=_int_at_least(0), default=3, help="examples of each kind to print")
+    p.add_argument("--no-gate", action="store_true", help="skip the point-of-use detector measurement")
+    p.add_argument("--out", default=None, help="also write the figures and examples to this JSON file")
     return parser
 
 
@@ -479,6 +500,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from otguard.hook import attached
     from otguard.models import context_length
     from otguard.policy import Policy
     from otguard.prompts import postprocess_answer, qa_prompt
@@ -507,10 +529,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         enc = tok(text, return_tensors="pt").to(model.device)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(args.seed)
-        handle = None
-        if policy is not None:
-            handle = policy.attach(model, kappa=args.kappa, check_weights=check_weights)
-        try:
+        with attached(policy, model, kappa=args.kappa, check_weights=check_weights) as handle:
             print(f">>> {prompt}")
             out = model.generate(
                 **enc,
@@ -524,18 +543,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if handle is not None:
                 stats = handle.stats()
                 logger.info(
-                    "flag rate %.2f, edited heads per flagged token %.1f",
+                    "flag rate %.2f over %d generated positions, edited heads per flagged position %.1f",
                     stats["flag_rate"],
+                    int(stats["positions"] / max(1, len(policy.layers))) if policy is not None else 0,
                     stats["edited_heads_per_flag"],
                 )
-        finally:
-            if handle is not None:
-                handle.remove()
         if args.qa:
             answer = postprocess_answer(
                 tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             )
             print(f"[answer] {answer}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from otguard.data import resolve_data_dir, truthfulqa_items
+    from otguard.evaluation.factory import make_judge
+    from otguard.harness.heldout import evaluate_heldout, heldout_questions
+    from otguard.io import atomic_write_text
+    from otguard.policy import Policy
+
+    if args.data_dir is not None:
+        resolve_data_dir(args.data_dir)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give the path of the JSON file to write.")
+    policy = Policy.load(args.policy)  # files checked before the model
+    indices, fold, folds = heldout_questions(policy, args.data_dir, args.questions, args.seed)
+    items = truthfulqa_items(args.data_dir)
+    items = [items[i] for i in indices]
+    judge = make_judge(args.judge, data_dir=args.data_dir) if args.judge.startswith("learned") \
+        else make_judge(args.judge)  # fmt: skip
+    _check_model_args(args)
+    model, tok = _load(args)
+    report = evaluate_heldout(model, tok, policy, items, judge, policy_name=str(args.policy), fold=fold,
+                              folds=folds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              examples=args.examples, gate=not args.no_gate)  # fmt: skip
+    print(report.render())
+    if out is not None:
+        atomic_write_text(out, json.dumps(report.to_dict(), indent=2, default=float) + "\n")
+        print(f"\nwritten: {out}")
     return 0
 
 
@@ -559,7 +608,8 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--folds", type=int, default=default("folds"), help="cross-validation folds (>= 2)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick run)")
     p.add_argument("--judge", default=default("judge"),
-                   help="sem (offline), sem:<model>, or openai (see --judge-*)")  # fmt: skip
+                   help="learned (offline judges trained on TruthfulQA's human labels), sem (MiniLM "
+                        "similarity), sem:<model>, bleu, rougeL, or openai (see --judge-*)")  # fmt: skip
     p.add_argument(
         "--judge-base-url", default=None, help="OpenAI-compatible server (or $OTGUARD_JUDGE_BASE_URL)"
     )
@@ -573,8 +623,15 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=default("batch_size"))
     p.add_argument("--mc-batch-size", type=int, default=default("mc_batch_size"))
     p.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"))
+    p.add_argument("--transfer", action="append", default=None, metavar="SET",
+                   help="transfer question set: nqopen, or a CSV in the TruthfulQA layout; repeat for "
+                        "several, 'none' for none (default: nqopen)")  # fmt: skip
     p.add_argument("--transfer-questions", type=int, default=default("transfer_questions"),
-                   help="NQ-Open questions in all (0 = skip)")  # fmt: skip
+                   help="questions per transfer set, in all (0 = skip transfer)")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=default("bootstrap"),
+                   help="paired bootstrap resamples of the differences to none (0 = none)")  # fmt: skip
+    p.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="skip the point-of-use gate measurement of the gated methods")  # fmt: skip
     p.add_argument("--drift-source", default=default("drift_source"),
                    help="CE/KL text: xsum, a .txt/.jsonl file, hub:NAME, none")  # fmt: skip
     p.add_argument("--drift-docs", type=int, default=default("drift_docs"), help="CE/KL documents in all")
@@ -651,8 +708,8 @@ def _compare_config(args: argparse.Namespace) -> Any:
         limit=args.limit, judge=args.judge, embedder=args.embedder, seed=args.seed,
         split_seed=args.split_seed, val_ratio=args.val_ratio, batch_size=args.batch_size,
         mc_batch_size=args.mc_batch_size,
-        max_new_tokens=args.max_new_tokens, transfer="nqopen" if args.transfer_questions > 0 else None,
-        transfer_questions=args.transfer_questions,
+        max_new_tokens=args.max_new_tokens, transfer=_transfer_sets(args),
+        transfer_questions=args.transfer_questions, bootstrap=args.bootstrap, gate=args.gate,
         drift_source=None if args.drift_source == "none" else args.drift_source, drift_docs=args.drift_docs,
         drift_tokens=args.drift_tokens, stage3_questions=args.stage3_questions, kappa_grid=grid,
         method_params=method_params, judge_options=judge_options,
@@ -661,6 +718,16 @@ def _compare_config(args: argparse.Namespace) -> Any:
         continuation_tokens=args.continuation_tokens, top_p=args.top_p, scorer=args.scorer,
         fluency_model=args.fluency_model,
     )  # fmt: skip
+
+
+def _transfer_sets(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--transfer`` values (default: the configuration's); ``none`` or ``--transfer-questions 0``: none."""
+    from otguard.harness.config import default
+
+    sets = tuple(args.transfer) if args.transfer else tuple(default("transfer"))
+    if args.transfer_questions <= 0 or any(s.strip().lower() == "none" for s in sets):
+        return ()
+    return sets
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -711,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         "collect": cmd_collect,
         "fit": cmd_fit,
         "generate": cmd_generate,
+        "evaluate": cmd_evaluate,
         "compare": cmd_compare,
         "report": cmd_report,
         "rescore": cmd_rescore,

@@ -356,17 +356,19 @@ def attached(
     kappa: float | None = None,
     mode: Mode = "repair",
     record: bool = False,
+    check_weights: bool = True,
 ) -> Iterator[PolicyHandle | None]:
     """``policy.attach(model, ...)`` as a ``with`` block, or nothing at all when ``policy`` is None.
 
     The one idiom for code that runs with an optional policy (the ``none`` baseline is a policy of
     None): ``with attached(policy, model, scope="answer") as handle:`` yields the handle, or None.
-    ``mode`` and ``record`` are those of :meth:`otguard.policy.Policy.attach`.
+    ``mode``, ``record`` and ``check_weights`` are those of :meth:`otguard.policy.Policy.attach`.
     """
     if policy is None:
         yield None
         return
-    handle = policy.attach(model, scope=scope, kappa=kappa, mode=mode, record=record)  # type: ignore[arg-type]
+    handle = policy.attach(model, scope=scope, kappa=kappa, mode=mode, record=record,  # type: ignore[arg-type]
+                           check_weights=check_weights)  # fmt: skip
     try:
         yield handle
     finally:
