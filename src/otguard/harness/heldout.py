@@ -141,11 +141,11 @@ def _signed(x: float) -> str:
 
 
 def _judge_accuracy(judge: dict[str, Any]) -> str:
+    parts = []
     for split in judge.get("splits", []):
-        if str(split.get("split", "")).startswith("a"):
-            return (f" (held-out human labels, seen questions: accuracy {split['accuracy']:.3f}, "
-                    f"AUROC {split['auroc']:.3f})")  # fmt: skip
-    return ""
+        name = str(split.get("split", "")).replace("_", " ")
+        parts.append(f"{name}: accuracy {split['accuracy']:.3f}, AUROC {split['auroc']:.3f}")
+    return f"\n  validated on held-out human labels ({'; '.join(parts)})" if parts else ""
 
 
 def evaluate_heldout(
