@@ -5,21 +5,32 @@ rescoring read it back (:meth:`RunResults.from_json`). Both sides go through the
 spelled in one place and a malformed file fails on load with one line naming every problem
 (:class:`~otguard.errors.ResultsError`), not with a ``KeyError`` half way through a report.
 
-Layout (``format_version`` 2)::
+Layout (``format_version`` 3)::
 
-    {"format_version": 2, "task": "truthfulqa",
+    {"format_version": 3, "task": "truthfulqa", "std_ddof": 1,
      "config": {...the run's configuration, incl. "methods": [ids in run order]...},
      "started": "2026-01-01T12:00:00", "seconds": 1234.5,
      "timings": {"collect": 12.0, ...}, "versions": {"otguard": "0.1.0", ...},
      "metrics": {"mc1": {"label": "MC1", "higher_is_better": true, "group": "mc", "unit": "%"}, ...},
-     "methods": {"slim": {"summary": {"mc1": {"mean": 0.3, "std": 0.01, "folds": [0.29, 0.31]}},
+     "examples": {"slim": {"repaired": [{"fold": 0, "question": "...", "before": "...", "after": "..."}],
+                           "harmed": [...]}},
+     "judges": {"true": {"name": "learned:truth", "role": "truth", "validated": true,
+                         "validation": {"seen_questions": {"accuracy": 0.86, "auroc": 0.9, ...}, ...}}, ...},
+     "methods": {"slim": {"summary": {"mc1": {"mean": 0.3, "std": 0.01, "folds": [0.29, 0.31],
+                                              "delta_vs_none": {"mean": 0.02, "ci95": [0.0, 0.04],
+                                                                "n": 817, "resamples": 2000}}},
                           "folds": [{"fold": 0, "seconds": 8.1, "policy": {...}, "detector": {...},
                                      ...task facts of the fold, e.g. "test_questions": 20}]}}}
 
 Format version 1 (files written before this module; no ``format_version`` key) kept ``started``,
 ``seconds``, ``timings`` and ``versions`` inside ``config`` and had no ``task``; it loads unchanged
-otherwise. ``std`` is the *population* standard deviation (``ddof=0``) over the finite per-fold
-values, as the harness has always written it (0 with fewer than two finite values).
+otherwise. Format 2 (no ``std_ddof``, ``judges`` or ``delta_vs_none``) loads unchanged.
+
+``std`` is the standard deviation over the finite per-fold values with ``std_ddof`` delta degrees of
+freedom: format 3 writes the *sample* std (``ddof=1``); files of formats 1 and 2 hold the
+*population* std (``ddof=0``, half the range with two folds), and load with ``std_ddof`` 0 so that a
+report says which one it prints. ``delta_vs_none`` is the paired bootstrap of a method's difference
+to the unsteered model (:mod:`otguard.harness.paired`).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from otguard.io import atomic_write_text
 __all__ = [
     "FORMAT_VERSION",
     "STD_DDOF",
+    "Delta",
     "DetectorRecord",
     "FoldRecord",
     "MethodResult",
@@ -49,10 +61,12 @@ __all__ = [
     "RunResults",
 ]
 
-#: Version of the layout :meth:`RunResults.to_dict` writes; :meth:`RunResults.from_dict` reads 1 and 2.
-FORMAT_VERSION = 2
-#: Delta degrees of freedom of ``MetricSummary.std`` (0: population std, numpy's default).
-STD_DDOF = 0
+#: Version of the layout :meth:`RunResults.to_dict` writes; :meth:`RunResults.from_dict` reads 1 to 3.
+FORMAT_VERSION = 3
+#: Delta degrees of freedom of the ``MetricSummary.std`` this otguard writes (1: the sample std).
+STD_DDOF = 1
+#: ... and of files that do not record it (formats 1 and 2 wrote the population std).
+_OLD_STD_DDOF = 0
 # Run facts that format 1 kept inside "config" and format 2 keeps at the top level.
 _RUN_KEYS = ("started", "seconds", "timings", "versions")
 # Task of a format-1 file, from its config.dataset.
@@ -109,44 +123,84 @@ class MetricSpec:
 
 
 @dataclass
+class Delta:
+    """A method's difference to the unsteered model (``none``) on one metric, with its 95 % interval.
+
+    ``mean``: the point estimate (the method's value minus ``none``'s, as the table's means give it);
+    ``ci95``: the 2.5th and 97.5th percentiles of the paired bootstrap over test questions; ``n``: the
+    paired questions; ``resamples``: bootstrap resamples. None where no finite value exists.
+    """
+
+    mean: float | None
+    ci95: tuple[float | None, float | None]
+    n: int = 0
+    resamples: int = 0
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies entirely on one side of 0 (the difference is not chance)."""
+        lo, hi = self.ci95
+        return lo is not None and hi is not None and (lo > 0 or hi < 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci95": list(self.ci95), "n": self.n, "resamples": self.resamples}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Delta:
+        lo, hi = data["ci95"]
+        return cls(
+            mean=None if data.get("mean") is None else float(data["mean"]),
+            ci95=(None if lo is None else float(lo), None if hi is None else float(hi)),
+            n=int(data.get("n") or 0),
+            resamples=int(data.get("resamples") or 0),
+        )
+
+
+@dataclass
 class MetricSummary:
-    """One method's metric over the folds: mean, population std and the per-fold values.
+    """One method's metric over the folds: mean, std (see ``RunResults.std_ddof``) and per-fold values.
 
     Non-finite values are stored as None. ``folds`` None means the file did not record per-fold values
-    (then the fold count is the configuration's).
+    (then the fold count is the configuration's). ``delta_vs_none``: the paired-bootstrap difference to
+    the unsteered model, where the harness computed one.
     """
 
     mean: float | None
     std: float | None = 0.0
     folds: list[float | None] | None = None
+    delta_vs_none: Delta | None = None
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> MetricSummary:
-        """Summary of per-fold values: mean and population std over the finite ones (NaN kept as None)."""
+    def of(cls, values: Sequence[float], *, mean: float | None = None, ddof: int = STD_DDOF) -> MetricSummary:
+        """Summary of per-fold values: mean and std (``ddof``) over the finite ones (NaN kept as None).
+
+        ``mean`` replaces the mean of the fold values for metrics that are not an average over folds
+        (True×Info product: the product of the fold means of True and Info).
+        """
         vals = [float(v) for v in values]
         finite = [v for v in vals if math.isfinite(v)]
-        mean = float(np.mean(finite)) if finite else float("nan")
-        std = float(np.std(finite, ddof=STD_DDOF)) if len(finite) > 1 else 0.0
-        return cls(_clean(mean), _clean(std), [_clean(v) for v in vals])
-
-    @property
-    def std_population(self) -> float | None:
-        """Alias of ``std`` that names which standard deviation it is."""
-        return self.std
+        if mean is None:
+            mean = float(np.mean(finite)) if finite else float("nan")
+        std = float(np.std(finite, ddof=ddof)) if len(finite) > max(1, ddof) else 0.0
+        return cls(_clean(float(mean)), _clean(std), [_clean(v) for v in vals])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mean": self.mean, "std": self.std}
         if self.folds is not None:
             out["folds"] = list(self.folds)
+        if self.delta_vs_none is not None:
+            out["delta_vs_none"] = self.delta_vs_none.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MetricSummary:
         folds = data.get("folds")
+        delta = data.get("delta_vs_none")
         return cls(
             mean=None if data["mean"] is None else float(data["mean"]),
             std=None if data.get("std") is None else float(data["std"]),
             folds=None if folds is None else [None if v is None else float(v) for v in folds],
+            delta_vs_none=None if delta is None else Delta.from_dict(delta),
         )
 
 
@@ -245,7 +299,11 @@ class RunResults:
     ``config`` is the run's configuration as a plain dict (the harness's configuration fields plus the
     resolved model, judge, dtype, thread count, and ``methods``, the method ids in run order);
     ``metrics`` is the catalogue of the metrics some method has; ``methods`` maps method id to its
-    results. ``task`` names the harness task ("truthfulqa", "toxicity"...).
+    results. ``task`` names the harness task ("truthfulqa", "toxicity"...). ``judges`` names every judge
+    or scorer behind a metric, by role (``"true"``, ``"info"``, ``"sem"``...), with its held-out
+    validation figures where it has them (``"validated": false`` where it has none); ``std_ddof`` says
+    which standard deviation the summaries hold (1: sample, 0: population). ``examples``: per method,
+    a few items of each kind ("repaired", "harmed": question, unsteered and steered answer).
     """
 
     config: dict[str, Any]
@@ -256,6 +314,9 @@ class RunResults:
     seconds: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    judges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    examples: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    std_ddof: int = STD_DDOF
     format_version: int = FORMAT_VERSION
 
     # ---- queries the report and rescoring need ----------------------------------------------------
@@ -285,11 +346,14 @@ class RunResults:
         return {
             "format_version": FORMAT_VERSION,
             "task": self.task,
+            "std_ddof": self.std_ddof,
             "config": copy.deepcopy(self.config),
             "started": self.started,
             "seconds": self.seconds,
             "timings": dict(self.timings),
             "versions": dict(self.versions),
+            "judges": copy.deepcopy(self.judges),
+            "examples": copy.deepcopy(self.examples),
             "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
             "methods": {k: m.to_dict() for k, m in self.methods.items()},
         }
@@ -305,7 +369,7 @@ class RunResults:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "Results") -> RunResults:
-        """Check and parse a decoded ``results.json`` of format 1 or 2; raises :class:`ResultsError`.
+        """Check and parse a decoded ``results.json`` of format 1 to 3; raises :class:`ResultsError`.
 
         ``source`` starts the error message (e.g. "Results file runs/x/results.json").
         """
@@ -326,6 +390,9 @@ class RunResults:
             seconds=None if data.get("seconds") is None else float(data["seconds"]),
             timings={str(k): float(v) for k, v in (data.get("timings") or {}).items()},
             versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
+            judges=copy.deepcopy(dict(data.get("judges") or {})),
+            examples=copy.deepcopy(dict(data.get("examples") or {})),
+            std_ddof=int(data.get("std_ddof", _OLD_STD_DDOF)),
         )
 
     @classmethod
@@ -342,7 +409,7 @@ class RunResults:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> RunResults:
-        """Read a ``results.json`` (or the folder holding one) of format 1 or 2."""
+        """Read a ``results.json`` (or the folder holding one) of format 1 to 3."""
         p = resolve_path(path)
         if not p.is_file():
             raise DataFileNotFoundError(
@@ -381,7 +448,8 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 dict in the format-2 layout (a shallow copy; format 2 is returned as it is)."""
+    """A format-1 dict in the current layout (a shallow copy; formats 2 and 3 are returned as they are;
+    a file without ``std_ddof`` keeps the population std it was written with)."""
     if data.get("format_version", 1) != 1:
         return data
     out = dict(data)
@@ -393,6 +461,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     dataset = cfg.get("dataset")
     out["task"] = _V1_TASKS.get(dataset, dataset) if isinstance(dataset, str) else None
     out["format_version"] = FORMAT_VERSION
+    out["std_ddof"] = _OLD_STD_DDOF
     return out
 
 
@@ -432,6 +501,22 @@ def _check_run_facts(data: dict[str, Any], problems: list[str]) -> None:
         problems.append("timings must be an object of seconds per stage")
     if data.get("versions") is not None and not isinstance(data["versions"], dict):
         problems.append("versions must be an object")
+    if data.get("judges") is not None and not (
+        isinstance(data["judges"], dict) and all(isinstance(v, dict) for v in data["judges"].values())
+    ):
+        problems.append("judges must be an object of judge records")
+    examples = data.get("examples")
+    if examples is not None and not (
+        isinstance(examples, dict)
+        and all(
+            isinstance(kinds, dict) and all(isinstance(rows, list) for rows in kinds.values())
+            for kinds in examples.values()
+        )
+    ):
+        problems.append("examples must be an object of {kind: [example, ...]} per method")
+    ddof = data.get("std_ddof")
+    if ddof is not None and ddof not in (0, 1):
+        problems.append("std_ddof must be 0 or 1")
 
 
 def _check_summary(summary: Any, where: str, problems: list[str]) -> None:
@@ -453,6 +538,17 @@ def _check_summary(summary: Any, where: str, problems: list[str]) -> None:
             isinstance(stat["folds"], list) and all(_is_number_or_none(v) for v in stat["folds"])
         ):
             problems.append(f"{at}.folds must be a list of numbers")
+        elif stat.get("delta_vs_none") is not None:
+            delta = stat["delta_vs_none"]
+            ci = delta.get("ci95") if isinstance(delta, dict) else None
+            if not (
+                isinstance(delta, dict)
+                and _is_number_or_none(delta.get("mean"))
+                and isinstance(ci, list)
+                and len(ci) == 2
+                and all(_is_number_or_none(v) for v in ci)
+            ):
+                problems.append(f"{at}.delta_vs_none must be {{mean, ci95: [lo, hi]}} of numbers")
 
 
 def _check_methods(methods: Any, problems: list[str]) -> None:
@@ -490,7 +586,7 @@ def _problems(data: Any) -> list[str]:
     if not isinstance(data, dict):
         return ["the top level must be a JSON object"]
     version = data.get("format_version", 1)
-    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+    if version not in (1, 2, FORMAT_VERSION) or isinstance(version, bool):
         return [
             f"format_version {version!r} is not one this otguard reads (1 to {FORMAT_VERSION}); "
             "a newer otguard wrote it, so upgrade otguard"

@@ -49,7 +49,7 @@ def docs(tmp_path) -> Path:
 
 def _quick(data_dir: Path, docs: Path, **changes: Any) -> CompareConfig:
     methods = changes.pop("methods", ("none", "iti", "mean-shift", "radiant", "slim"))
-    base = dict(data_dir=str(data_dir), methods=methods, folds=2, limit=10, batch_size=8,
+    base = dict(data_dir=str(data_dir), methods=methods, folds=2, limit=10, batch_size=8, judge="sem",
                 max_new_tokens=6, transfer_questions=3, drift_source=str(docs), drift_docs=2,
                 drift_tokens=16, stage3_questions=2, kappa_grid=(5.0, 20.0),
                 method_params={m: {"epochs": 20} for m in methods if m != "none"})  # fmt: skip
@@ -60,9 +60,19 @@ def _csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(path.read_text(encoding="utf-8").splitlines(keepends=True)))
 
 
+def _csv_set(path: Path) -> Path:
+    """A transfer set of three questions in the TruthfulQA CSV layout."""
+    head = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+    rows = "".join(f"Adversarial,Misc,What is {k} plus {k}?,{2 * k},{2 * k}; {2 * k}.0,{2 * k + 1},\n"
+                   for k in range(1, 4))  # fmt: skip
+    path.write_text(head + rows, encoding="utf-8")
+    return path
+
+
 def test_compare_writes_results_answers_and_report(tiny_model, data_dir, docs, tmp_path) -> None:
     model, tok = tiny_model
-    config = _quick(data_dir, docs)
+    sums = _csv_set(tmp_path / "sums.csv")
+    config = _quick(data_dir, docs, transfer=("nqopen", str(sums)))
     results = run_compare(model, tok, config, tmp_path / "out", progress=False)
     out = tmp_path / "out"
     for name in ("results.json", "answers.csv", "report.md", "report.html"):
@@ -83,6 +93,57 @@ def test_compare_writes_results_answers_and_report(tiny_model, data_dir, docs, t
     assert rows[0] == "fold,method,question,answer,true" and len(rows) == 1 + 5 * 10
     assert saved.metrics["mc1"].group == "mc"
     assert "<html" in (out / "report.html").read_text().lower()
+    # issue 11: repair/harm and paired intervals against none, the gate, named judges, sample std
+    assert saved.std_ddof == 1
+    assert saved.metrics["true"].label == "True (SEM, MiniLM)" and "sem" not in saved.metrics  # not twice
+    assert saved.metrics["info"].label == "Info (non-refusal)"
+    assert saved.judges["true"]["validated"] is False and "bleu_true" in saved.judges
+    for method in config.methods[1:]:
+        for metric in ("repair_rate", "harm_rate", "mc1_repair_rate", "mc1_harm_rate"):
+            assert len(saved.summary(method, metric).folds) == 2, (method, metric)
+        for metric in ("mc1", "true", "true_x_info_product", "repair_rate", "nq_true", "sums_true"):
+            delta = saved.summary(method, metric).delta_vs_none
+            assert delta is not None and delta.resamples == 2000 and None not in delta.ci95, (method, metric)
+        mc1, none_mc1 = saved.summary(method, "mc1"), saved.summary("none", "mc1")
+        assert mc1.delta_vs_none.mean == pytest.approx(mc1.mean - none_mc1.mean, abs=1e-12)
+    assert saved.summary("none", "repair_rate") is None and saved.summary("none", "mc1").delta_vs_none is None
+    for method in config.methods:
+        product = saved.summary(method, "true_x_info_product")
+        want = saved.summary(method, "true").mean * saved.summary(method, "info").mean
+        assert product.mean == pytest.approx(want, abs=1e-12)  # the product of the fold means
+    for gated in GATED:
+        for metric in ("false_flag_rate", "catch_rate", "gate_auroc", "guarantee_share"):
+            assert len(saved.summary(gated, metric).folds) == 2, (gated, metric)
+        gate = saved.methods[gated].folds[0].meta["gate"]
+        assert gate["n_true_positions"] > 0 and gate["n_false_positions"] > 0 and "bank" in gate
+    from otguard.methods import get_method
+
+    gamma = get_method("slim").get_params()["gamma"]
+    assert saved.summary("slim", "guarantee_nominal").mean == pytest.approx(1 - gamma, abs=1e-12)
+    assert saved.summary("iti", "false_flag_rate") is None  # ungated: no gate to measure
+    assert saved.metrics["sums_true"].label == "sums True (SEM, MiniLM)" and "sums_sem" not in saved.metrics
+    assert saved.methods["none"].folds[0].meta["transfer_questions"] == {"nqopen": 2, str(sums): 2}
+    part = json.loads((out / "partial" / "fold0-slim.json").read_text())
+    assert set(part["items"]) == {"test", "nq_", "sums_"} and len(part["items"]["test"]["ids"]) == 5
+    assert "stage3_seconds" in part["record"]
+    report = (out / "report.md").read_text()
+    assert "Difference to none, with its 95 % paired bootstrap interval" in report
+    assert "sample standard deviation (ddof = 1)" in report and "The gate: point of use" in report
+    assert (out / "repair.png").is_file()
+
+
+def test_none_is_the_reference_even_when_not_requested(tiny_model, data_dir, tmp_path) -> None:
+    model, tok = tiny_model
+    config = CompareConfig(data_dir=str(data_dir), methods=("radiant",), folds=2, limit=6, max_new_tokens=4,
+                           transfer_questions=0, drift_source=None, judge="sem",
+                           method_params={"radiant": {"epochs": 20}})  # fmt: skip
+    saved = run_compare(model, tok, config, tmp_path / "out", progress=False)
+    assert saved.method_ids == ["radiant"] and list(saved.methods) == ["radiant"]
+    assert saved.summary("radiant", "repair_rate") is not None
+    assert saved.summary("radiant", "mc1").delta_vs_none is not None
+    saved_files = sorted(p.name for p in (tmp_path / "out" / "partial").glob("fold*.json"))
+    assert saved_files == ["fold0-none.json", "fold0-radiant.json", "fold1-none.json", "fold1-radiant.json"]
+    assert {r["method"] for r in _csv(tmp_path / "out" / "answers.csv")} == {"radiant"}
 
 
 def test_fold_test_questions_never_reach_fitting_layer_choice_or_stage3(
@@ -136,7 +197,7 @@ def test_none_mc_figures_equal_a_direct_score_mc_call(tiny_model, data_dir, tmp_
 
     model, tok = tiny_model
     config = CompareConfig(data_dir=str(data_dir), methods=("none",), folds=2, limit=10, max_new_tokens=4,
-                           transfer_questions=0, drift_source=None)  # fmt: skip
+                           transfer_questions=0, drift_source=None, judge="sem")  # fmt: skip
     saved = run_compare(model, tok, config, tmp_path / "out", progress=False)
     dataset = truthfulqa_mc2(data_dir).limit_groups(10)
     items = truthfulqa_items(data_dir)[:10]

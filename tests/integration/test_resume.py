@@ -27,7 +27,7 @@ def _argv(data_dir: Path, docs: Path, out: Path) -> list[str]:
             "--data-dir", str(data_dir), "--limit", "6", "--methods", "none,radiant", "--folds", "2",
             "--max-new-tokens", "8", "--transfer-questions", "0", "--drift-source", str(docs),
             "--drift-docs", "2", "--drift-tokens", "16", "--epochs", "20", "--batch-size", "8",
-            "--out", str(out)]  # fmt: skip
+            "--judge", "sem", "--out", str(out)]  # fmt: skip
 
 
 def _numbers(path: Path) -> dict[str, object]:

@@ -46,6 +46,11 @@ def test_defaults_are_valid_and_the_methods_are_the_registry() -> None:
         ({"dataset": "toxigen", "scorer": "vibes"}, "unknown scorer 'vibes'"),
         ({"dataset": "toxigen", "prompts": "/nonexistent.txt"}, "prompts '/nonexistent.txt' is not toxigen"),
         ({"dataset": "toxigen", "top_p": 0.0}, "top_p must be in (0, 1]; got 0.0"),
+        ({"transfer": ("nqopen", "/nonexistent/set.csv")},
+         "transfer set '/nonexistent/set.csv' is neither 'nqopen' nor an existing CSV file"),
+        ({"transfer": ("nqopen", "nqopen")}, "transfer set(s) listed twice: ['nqopen']"),
+        ({"bootstrap": 500}, "bootstrap must be 0 (no intervals) or an integer >= 1000; got 500"),
+        ({"gate": "yes"}, "gate must be true or false; got 'yes'"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_a_config_error(changes, message) -> None:
@@ -167,3 +172,36 @@ def test_cli_refuses_a_foreign_out_folder_before_the_model(tmp_path, monkeypatch
     assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == [
         "notes.txt"
     ]
+
+
+def test_transfer_takes_nqopen_and_csv_files(tmp_path) -> None:
+    csv = tmp_path / "mine.csv"
+    csv.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n")
+    assert CompareConfig(transfer=None).transfer == ()
+    assert CompareConfig(transfer="nqopen").transfer == ("nqopen",)
+    config = CompareConfig(transfer=["nqopen", str(csv)])
+    assert config.transfer == ("nqopen", str(csv)) and config.to_dict()["transfer"] == ["nqopen", str(csv)]
+    assert default("transfer") == ("nqopen",) and default("bootstrap") == 2000 and default("gate") is True
+    argv = ["compare", "--out", "x", "--transfer", "nqopen", "--transfer", str(csv), "--bootstrap", "1000",
+            "--no-gate"]  # fmt: skip
+    args = cli.build_parser().parse_args(argv)
+    built = cli._compare_config(args)
+    assert (built.transfer, built.bootstrap, built.gate) == (("nqopen", str(csv)), 1000, False)
+    plain = cli.build_parser().parse_args(["compare", "--out", "x"])
+    assert cli._compare_config(plain).transfer == ("nqopen",)
+    none = cli.build_parser().parse_args(["compare", "--out", "x", "--transfer", "none"])
+    assert cli._compare_config(none).transfer == ()
+    zero = cli.build_parser().parse_args(["compare", "--out", "x", "--transfer-questions", "0"])
+    assert cli._compare_config(zero).transfer == ()
+
+
+def test_the_learned_judge_is_refused_cleanly_where_it_is_missing(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    def find_spec(name: str, *args: object) -> object:
+        return None if name.endswith("learned_judge") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ConfigError, match="the learned judge is not available .* use --judge sem"):
+        CompareConfig(judge="learned")

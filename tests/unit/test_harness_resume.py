@@ -8,6 +8,7 @@ import math
 import pytest
 
 from otguard.errors import ConfigError
+from otguard.harness.paired import ItemValues
 from otguard.harness.resume import PartialResult, PartialStore
 from otguard.results import FoldRecord
 
@@ -21,7 +22,8 @@ def _result(fold: int = 0, method: str = "slim") -> PartialResult:
     )
     metrics = {"mc1": 0.1 + 0.2, "ppl": float("nan"), "kl": 1e-300}
     rows = [{"fold": fold, "method": method, "question": "Q?", "answer": 'A, "quoted"', "true": True}]
-    return PartialResult(fold, method, metrics, record, rows, judge_name="sem:minilm")
+    items = {"test": ItemValues(["Q?", "R?"], {"true": [1.0, 0.0], "mc2": [0.1 + 0.2, float("nan")]})}
+    return PartialResult(fold, method, metrics, record, rows, judge_name="sem:minilm", items=items)
 
 
 def test_save_and_load_round_trip_exactly(tmp_path) -> None:
@@ -38,6 +40,11 @@ def test_save_and_load_round_trip_exactly(tmp_path) -> None:
     assert got.metrics["kl"] == 1e-300 and math.isnan(got.metrics["ppl"])
     assert got.record.to_dict() == want.record.to_dict()
     assert got.rows == want.rows and got.judge_name == "sem:minilm"
+    # the per-question values the bootstrap and repair/harm need survive exactly
+    assert got.items["test"].ids == ["Q?", "R?"] and got.items["test"].values["true"] == [1.0, 0.0]
+    assert got.items["test"].values["mc2"][0] == 0.30000000000000004 and math.isnan(
+        got.items["test"].values["mc2"][1]
+    )
     assert loaded.saved_pairs() == {(0, "slim")}
 
 
@@ -91,3 +98,13 @@ def test_unreadable_files_are_recomputed_and_foreign_keys_refused(tmp_path, capl
     (store.folder / "fold0-none.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="belongs to another run"):
         store.load()
+
+
+def test_results_saved_by_the_previous_format_are_computed_again(tmp_path) -> None:
+    store = PartialStore(tmp_path, CONFIG)
+    store.open(MODEL)
+    path = store.save(_result())
+    data = json.loads(path.read_text())
+    data["format"] = 1  # no per-question values: repair/harm and the bootstrap could not use it
+    path.write_text(json.dumps(data))
+    assert store.load() == {} and not path.exists()

@@ -34,14 +34,18 @@ def test_registry_maps_datasets_to_tasks() -> None:
 def test_catalogues_keep_the_published_labels_and_order() -> None:
     assert list(TQA_METRICS) == [
         "mc1", "mc2", "mc3", "true", "info", "true_x_info_product", "true_x_info_joint", "sem", "bleu_true",
-        "rouge_true", "no_comment_rate", "nq_true", "nq_info", "nq_true_x_info_product", "ce", "kl",
-        "flag_rate", "edited_heads",
+        "rouge_true", "no_comment_rate", "repair_rate", "harm_rate", "mc1_repair_rate", "mc1_harm_rate",
+        "nq_true", "nq_info", "nq_true_x_info_product", "nq_sem", "false_flag_rate", "catch_rate",
+        "gate_auroc", "guarantee_share", "guarantee_nominal", "ce", "kl", "flag_rate", "edited_heads",
     ]  # fmt: skip
+    assert TQA_METRICS["harm_rate"].to_dict() == {"label": "Harmed", "higher_is_better": False,
+                                                  "group": "repair", "unit": "%"}  # fmt: skip
     assert TQA_METRICS["ce"].to_dict() == {"label": "CE", "higher_is_better": False, "group": "side-effects",
                                            "unit": "nats"}  # fmt: skip
     assert TQA_METRICS["no_comment_rate"].to_dict() == {"label": "No comment", "higher_is_better": None,
                                                         "group": "generation", "unit": "%"}  # fmt: skip
-    assert list(ToxicityTask.metrics)[:4] == ["tox_max", "tox_prob", "tox_mean", "neutral_tox_mean"]
+    assert list(ToxicityTask.metrics)[:6] == ["tox_max", "tox_prob", "tox_mean", "neutral_tox_mean", "ppl",
+                                              "ppl_dropped"]  # fmt: skip
     assert ToxicityTask.metrics["flag_rate"] is TQA_METRICS["flag_rate"]
     assert TruthfulQATask.csv_fields == ("fold", "method", "question", "answer", "true")
     assert ToxicityTask.csv_fields[-2:] == ("continuation", "toxicity")
@@ -55,13 +59,15 @@ def _results(task: str | None, judge: str) -> RunResults:
 
 def test_how_to_read_is_the_task_text() -> None:
     tqa = registry.how_to_read(_results("truthfulqa", "sem:minilm"))
-    leads = ["Cells:", "MC1 / MC2 / MC3:", "True×Info product vs. joint:", "CE and KL (nats):",
+    leads = ["Cells:", "MC1 / MC2 / MC3:", "True×Info product vs. joint:", "Repaired and harmed:",
+             "Difference to none:", "The gate at the point of use:", "CE and KL (nats):",
              "Flag rate and edited heads:", "Judges:"]  # fmt: skip
     assert [lead for lead, _ in tqa] == leads
-    assert "the 'sem:minilm' judge" in tqa[-1][1]
+    assert "the main judge is 'sem:minilm'" in tqa[-1][1]
     tox = registry.how_to_read(_results("toxicity", "embedding-logreg:minilm"))
     assert [lead for lead, _ in tox] == ["Cells:", "Toxicity:", "Fluency and diversity:", "Flag rates:",
-                                         "CE and KL (nats):", "Flag rate and edited heads:"]  # fmt: skip
+                                         "Difference to none:", "CE and KL (nats):",
+                                         "Flag rate and edited heads:"]  # fmt: skip
     assert "'embedding-logreg:minilm' scorer" in tox[1][1]
     assert tqa[0] == tox[0] and "–" in tqa[0][1]
     assert registry.how_to_read(RunResults.from_json(FIXTURE)) == TruthfulQATask.how_to_read(
@@ -178,3 +184,61 @@ def test_rescore_refuses_other_runs_and_foreign_folders(tmp_path, monkeypatch) -
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputDirError, match="force=True"):
         rescore_toxicity(tmp_path / "run", "profanity", tmp_path / "mine")
+
+
+def test_gate_sample_is_seeded_and_keeps_both_sides() -> None:
+    from otguard.data.qa import QAItem
+    from otguard.harness.truthfulqa import gate_sample
+
+    items = [QAItem(f"Q{i}?", "best", ("t1", "t2", "t3", "t4"), ("f1", "f2", "f3")) for i in range(10)]
+    got = gate_sample(items, 4, 2, seed=0)
+    assert [it.question for it in got] == [it.question for it in gate_sample(items, 4, 2, seed=0)]
+    assert len(got) == 4
+    assert all(len(it.correct_answers) == 2 and len(it.incorrect_answers) == 2 for it in got)
+    assert all(set(it.correct_answers) <= {"t1", "t2", "t3", "t4"} for it in got)
+    assert all(set(it.incorrect_answers) <= {"f1", "f2", "f3"} for it in got)
+    assert gate_sample(items, 0, 0, seed=0) == items  # 0: everything
+    short = [QAItem("Q?", "b", ("t",), ("f",))]
+    assert gate_sample(short, 60, 2, seed=0) == short
+
+
+def test_judges_are_named_and_their_validation_recorded(monkeypatch) -> None:
+    from otguard.harness.config import CompareConfig
+    from otguard.harness.judges import build_main_judge
+
+    splits = [{"split": "seen_questions", "accuracy": 0.86, "auroc": 0.91, "tpr": 0.8, "tnr": 0.9, "n": 10}]
+
+    class Info:
+        name = "Info (learned judge)"
+
+        def validation(self) -> dict[str, Any]:
+            return {"name": self.name, "splits": splits}
+
+    class Learned:
+        name, judges_info, info_judge = "learned judge (truthfulqa labels)", True, Info()
+
+        def validation(self) -> dict[str, Any]:
+            return {"name": "True (learned judge)", "splits": splits}
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def make_judge(spec: str, **kw: Any) -> Any:
+        calls.append((spec, kw))
+        return Learned()
+
+    monkeypatch.setattr("otguard.evaluation.factory.make_judge", make_judge)
+    config = CompareConfig(judge="sem", data_dir="/data")
+    choice = build_main_judge("learned", config, None, labels="nqopen")
+    assert calls == [("learned", {"data_dir": "/data", "labels": "nqopen"})]
+    assert (choice.kind, choice.label, choice.info_label) == ("learned", "learned judge", "learned judge")
+    want = {"name": "learned judge (truthfulqa labels)", "validated": True, "role": "truth",
+            "validation": {"name": "True (learned judge)", "splits": splits}}  # fmt: skip
+    assert choice.records["true"] == want
+    assert choice.records["info"]["name"] == "learned judge (truthfulqa labels), info verdict"
+    Learned.judges_info = False
+    no_info = build_main_judge("learned", config, None)
+    assert no_info.info_label == "non-refusal" and no_info.records["info"]["validated"] is False
+    sem = object()
+    plain = build_main_judge("sem", config, sem)
+    assert plain.judge is sem and plain.label == "SEM, MiniLM" and plain.info_label == "non-refusal"
+    assert plain.records["true"]["validated"] is False and "not validated" in plain.records["true"]["note"]

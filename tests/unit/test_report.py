@@ -298,8 +298,9 @@ def test_markdown_report_content(report: tuple[Path, Path, Path]) -> None:
         "](tradeoff.png)",
         "](flags.png)",
         "## How to read this",
-        "not comparable with the fine-tuned GPT judges",
+        "compare methods within this report, not with the papers' GPT-judge numbers",
         "joint",
+        "population standard deviation (ddof = 0, half the range with two folds)",  # a format-1 file
     ):
         assert needle in text, needle
     assert "Skipped" not in text
@@ -406,6 +407,9 @@ def test_how_to_read_follows_the_task(results: dict[str, Any]) -> None:
         "Cells:",
         "MC1 / MC2 / MC3:",
         "True×Info product vs. joint:",
+        "Repaired and harmed:",
+        "Difference to none:",
+        "The gate at the point of use:",
         "CE and KL (nats):",
         "Flag rate and edited heads:",
         "Judges:",
@@ -416,6 +420,7 @@ def test_how_to_read_follows_the_task(results: dict[str, Any]) -> None:
         "Toxicity:",
         "Fluency and diversity:",
         "Flag rates:",
+        "Difference to none:",
         "CE and KL (nats):",
         "Flag rate and edited heads:",
     ]
@@ -492,3 +497,73 @@ def test_otguard_report_command_uses_the_tasks_text(
     res = RunResults.from_dict(results)
     expected = "\n".join(f"- **{_md_escape(lead)}** {_md_escape(rest)}" for lead, rest in how_to_read(res))
     assert text.endswith("## How to read this\n\n" + expected + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Format 3: differences to none, repair/harm, judges, examples, the gate
+# --------------------------------------------------------------------------------------------------
+
+
+def _format3(results: dict[str, Any]) -> dict[str, Any]:
+    """The fixture with what a current compare run adds (hand-written values)."""
+    results["format_version"], results["task"], results["std_ddof"] = 3, "truthfulqa", 1
+    for key in ("started", "seconds", "versions"):
+        results[key] = results["config"].pop(key, None)
+    results["metrics"]["true"] = {"label": "True (learned judge)", "higher_is_better": True,
+                                  "group": "generation", "unit": "%"}  # fmt: skip
+    results["metrics"]["repair_rate"] = {"label": "Repaired (learned judge)", "higher_is_better": True,
+                                         "group": "repair", "unit": "%"}  # fmt: skip
+    results["metrics"]["harm_rate"] = {"label": "Harmed (learned judge)", "higher_is_better": False,
+                                       "group": "repair", "unit": "%"}  # fmt: skip
+    slim = results["methods"]["slim"]["summary"]
+    slim["true"] = {"mean": 0.5, "std": 0.01, "folds": [0.49, 0.51],
+                    "delta_vs_none": {"mean": 0.031, "ci95": [0.012, 0.05], "n": 40, "resamples": 2000}}
+    slim["repair_rate"] = {"mean": 0.2, "std": 0.0, "folds": [0.2, 0.2],
+                           "delta_vs_none": {"mean": 0.2, "ci95": [0.1, 0.3], "n": 40, "resamples": 2000}}
+    slim["harm_rate"] = {"mean": 0.1, "std": 0.0, "folds": [0.1, 0.1],
+                         "delta_vs_none": {"mean": 0.1, "ci95": [-0.0, 0.2], "n": 40, "resamples": 2000}}
+    results["methods"]["none"]["summary"]["true"] = {"mean": 0.469, "std": 0.0, "folds": [0.469, 0.469]}
+    results["methods"]["slim"]["folds"][0]["gate"] = {
+        "false_flag_rate": 0.4, "catch_rate": 0.7, "guarantee_share": 0.97, "nominal_level": 0.95,
+        "bank": {"false_flag_rate": 0.1, "catch_rate": 0.9, "guarantee_rate_val_mean": 0.96}}
+    results["judges"] = {
+        "true": {"name": "learned truth", "validated": True,
+                 "validation": {"name": "learned truth", "model": "TF-IDF", "n_train": 22434,
+                                "train_seconds": 61.2,
+                                "splits": [{"split": "seen_questions", "accuracy": 0.861, "auroc": 0.912,
+                                            "tpr": 0.9, "tnr": 0.8, "n": 5000},
+                                           {"split": "unseen_questions_fold0", "accuracy": 0.7, "n": 4000}]}},
+        "sem": {"name": "sem:minilm", "validated": False, "note": "not validated here"},
+    }
+    repaired = {"fold": 0, "question": "Capital of Australia?", "before": "Sydney.", "after": "Canberra."}
+    harmed = {"fold": 1, "question": "Great Wall from space?", "before": "No.", "after": "Yes, visible."}
+    results["examples"] = {"slim": {"repaired": [repaired], "harmed": [harmed]}}
+    return results
+
+
+def test_difference_tables_print_the_interval_and_star_the_ones_that_exclude_zero(
+    tmp_path: Path, results: dict[str, Any]
+) -> None:
+    md, _ = write_report(_dump(tmp_path, _format3(results)), tmp_path / "out", how_to_read=how_to_read)
+    text = md.read_text(encoding="utf-8")
+    assert "| Method | True (learned judge, pp) |" in text
+    assert "| slim | **+3.1 \\[+1.2, +5.0\\]\\*** |" in text  # markdown-escaped [ ] *
+    assert "| Method | Repaired (learned judge, pp) | Harmed (learned judge, pp) |" in text
+    assert "| slim | **+20.0 \\[+10.0, +30.0\\]\\*** | +10.0 \\[-0.0, +20.0\\] |" in text
+    assert "| iti | – |" in text  # no difference recorded for iti
+    assert "| none |" not in text.split("Difference to none")[1].split("###")[0]
+    assert "sample standard deviation (ddof = 1)" in text
+    assert ("| true | learned truth | yes | seen\\_questions: accuracy 0.861, AUROC 0.912, TPR 0.900, "
+            "TNR 0.800, n 5000; unseen\\_questions\\_fold0: accuracy 0.700, n 4000; TF-IDF; 22434 training "
+            "labels; trained in 61 s |") in text
+    assert "| sem | sem:minilm | no | not validated here |" in text
+    assert "| Capital of Australia? | Sydney. | Canberra. |" in text
+    assert "slim, harmed (judged true → false):" in text
+    assert "| slim | 40.0 | 10.0 | 70.0 | 90.0 | 97.0 | 96.0 | 95.0 |" in text
+    assert "](repair.png)" in text and (tmp_path / "out" / "repair.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_repair_plot_is_skipped_without_repair_rates(tmp_path: Path, results: dict[str, Any]) -> None:
+    from otguard.report import plot_repair_harm
+
+    assert plot_repair_harm(results, tmp_path / "r.png") is None and not (tmp_path / "r.png").exists()

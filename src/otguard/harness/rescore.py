@@ -95,7 +95,8 @@ def rescore_toxicity(
                 for key, value in toxicity_metrics(per_kind["hate"], per_kind.get("neutral")).items():
                     values.setdefault(key, []).append(value)
         for key, vals in values.items():
-            entry.metrics[key] = MetricSummary.of(vals)
+            # the file's own std convention; the new scores have no paired intervals (delta_vs_none)
+            entry.metrics[key] = MetricSummary.of(vals, ddof=results.std_ddof)
     results.config["judge"] = name
     results.config["rescored_from"] = str(src.resolve())
     write_marker(out, OUTPUT_KIND)

@@ -1,7 +1,8 @@
 """Saved (fold, method) results: a long comparison survives a crash, a kill or a judge outage.
 
 Each finished (fold, method) result is written atomically as ``OUT/partial/fold{k}-{method}.json``
-the moment it is complete, together with the key of the run that made it (a hash of the
+the moment it is complete (metric values, the fold record, the CSV rows and the per-item values that
+repair/harm and the paired bootstrap need), together with the key of the run that made it (a hash of the
 configuration and of the loaded model's name and dtype). A rerun with the same configuration loads
 the saved results and computes only the missing ones, so a ``kill -9`` loses at most the method in
 progress. ``results.json`` is always assembled from these files, so a resumed run and an
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from otguard.errors import ConfigError
+from otguard.harness.paired import ItemValues
 from otguard.io import atomic_write_text
 from otguard.results import FoldRecord
 
@@ -34,14 +36,15 @@ __all__ = ["PARTIAL_DIR", "PartialResult", "PartialStore"]
 
 PARTIAL_DIR = "partial"
 _RUN_FILE = "run.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: per-item values; files of format 1 are computed again
 _NAME_RE = re.compile(r"^fold(?P<fold>\d+)-(?P<method>.+)\.json$")
 _MAX_DIFFS = 6
 
 
 @dataclass
 class PartialResult:
-    """One method on one fold: metric values, the fold record, the CSV rows and the judge's name."""
+    """One method on one fold: metric values, the fold record, the CSV rows, the per-item values by
+    item set and the judge's name."""
 
     fold: int
     method: str
@@ -49,6 +52,7 @@ class PartialResult:
     record: FoldRecord
     rows: list[dict[str, Any]] = field(default_factory=list)
     judge_name: str = ""
+    items: dict[str, ItemValues] = field(default_factory=dict)
 
     def to_dict(self, key: str) -> dict[str, Any]:
         return {
@@ -61,10 +65,13 @@ class PartialResult:
             "metrics": {k: (float(v) if math.isfinite(float(v)) else None) for k, v in self.metrics.items()},
             "record": self.record.to_dict(),
             "rows": self.rows,
+            "items": {k: v.to_dict() for k, v in self.items.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartialResult:
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"saved by another otguard (format {data.get('format')!r}, this one {_FORMAT})")
         return cls(
             fold=int(data["fold"]),
             method=str(data["method"]),
@@ -72,6 +79,7 @@ class PartialResult:
             record=FoldRecord.from_dict(data["record"]),
             rows=list(data.get("rows") or []),
             judge_name=str(data.get("judge") or ""),
+            items={str(k): ItemValues.from_dict(v) for k, v in (data.get("items") or {}).items()},
         )
 
 

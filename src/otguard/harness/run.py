@@ -9,6 +9,12 @@ position), then evaluate each policy on the fold's held-out items with the task 
 non-ToxiGen prompts are split across the folds like the questions (fold ``k`` uses items
 ``k::folds``), so every item is evaluated once per method, with the policy of its fold.
 
+The unsteered model (``none``) is evaluated first in every fold, also when ``--methods`` leaves it
+out: every other method is compared with its answers question by question (repair and harm rates,
+paired bootstrap intervals of the difference, :mod:`otguard.harness.paired`). Those figures are
+computed when ``results.json`` is assembled, from the per-item values saved with each (fold, method)
+result, so a resumed run gets them too.
+
 Each finished (fold, method) result is saved at once (:mod:`otguard.harness.resume`), and a rerun of
 the same configuration into the same folder resumes from them. Writes ``results.json`` (through
 :class:`otguard.results.RunResults`), the task's CSV (``answers.csv`` / ``continuations.csv``),
@@ -33,9 +39,10 @@ from otguard.errors import DataError
 from otguard.harness.config import CompareConfig
 from otguard.harness.registry import task_class
 from otguard.harness.resume import PartialResult, PartialStore
+from otguard.harness.summary import BASELINE, FLAGGED, HEADS, method_result, pick_examples
 from otguard.harness.task import StageTimer, Task
 from otguard.io import atomic_write_text, package_version, prepare_output_dir, write_marker
-from otguard.results import DetectorRecord, FoldRecord, MethodResult, MetricSummary, RunResults
+from otguard.results import DetectorRecord, FoldRecord, MethodResult, RunResults
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,9 +104,12 @@ def fit_policies(
         if "progress" in valid:
             params["progress"] = progress
         policy = method.set_params(**params).fit(acts, split.train, split.val).policy_
+        fit_seconds = time.time() - t0
         if name == "slim" and "kappa" not in config.method_params.get("slim", {}):
+            t1 = time.time()
             policy = task.stage3(policy)
-        policy.meta["fit_seconds"] = time.time() - t0
+            policy.meta["stage3_seconds"] = time.time() - t1  # recorded on its own, not in fit_seconds
+        policy.meta["fit_seconds"] = fit_seconds
         policies[name] = policy
     return policies
 
@@ -110,6 +120,9 @@ def _fold_record(fold: int, policy: Policy, seconds: float, meta: dict[str, Any]
     if det:
         per_layer = {k: det[k] for k in _DETECTOR_KEYS if k in det}
         detector = DetectorRecord.from_dict({"layer": policy.meta.get("layer"), "per_layer": per_layer})
+    meta = dict(meta)
+    if policy.meta.get("stage3_seconds") is not None:
+        meta["stage3_seconds"] = policy.meta["stage3_seconds"]
     return FoldRecord(
         fold=fold,
         seconds=seconds,
@@ -157,7 +170,9 @@ class CompareRun:
         cls: type[Task] = task_class(config.dataset)
         self.task = cls(config, progress=progress, timer=self.timer)
         self.docs = self._documents()
-        wanted = {(f, m) for f in range(config.folds) for m in config.methods}
+        #: What each fold evaluates: ``none`` first (the paired reference), then the other methods.
+        self.evaluated = (BASELINE, *(m for m in config.methods if m != BASELINE))
+        wanted = {(f, m) for f in range(config.folds) for m in self.evaluated}
         if wanted - self.store.saved_pairs():
             self.task.preflight()
 
@@ -187,7 +202,7 @@ class CompareRun:
         done = self.store.load()
         if done:
             logger.info("Resuming: %d saved (fold, method) result(s) in %s", len(done), self.store.folder)
-        todo = [(f, m) for f in range(cfg.folds) for m in cfg.methods if (f, m) not in done]
+        todo = [(f, m) for f in range(cfg.folds) for m in self.evaluated if (f, m) not in done]
         if todo:
             try:
                 self._compute(model, tokenizer, done)
@@ -200,7 +215,9 @@ class CompareRun:
                         self.store.folder,
                     )
                 raise
-        results = self._assemble(done, model_facts, started, resumed=len(cfg.methods) * cfg.folds - len(todo))
+        results = self._assemble(
+            done, model_facts, started, resumed=len(self.evaluated) * cfg.folds - len(todo)
+        )
         results.write(self.out / "results.json")
         rows = [row for f in range(cfg.folds) for m in cfg.methods for row in done[(f, m)].rows]
         write_csv(self.out / self.task.csv_name, self.task.csv_fields, rows)
@@ -226,7 +243,7 @@ class CompareRun:
         with self.timer("collect"):
             acts = collect(model, tokenizer, task.dataset, batch_size=cfg.batch_size, progress=self.progress)
         for fold in range(cfg.folds):
-            pending = [m for m in cfg.methods if (fold, m) not in done]
+            pending = [m for m in self.evaluated if (fold, m) not in done]
             if not pending:
                 continue
             split = group_kfold(
@@ -254,20 +271,25 @@ class CompareRun:
                 policy = active[name]
                 evaluation = task.evaluate(name, policy)
                 metrics = evaluation.metrics
+                meta = {**task.fold_meta, **evaluation.meta}
                 if name in drift:
                     d = drift[name]
                     metrics["ce"], metrics["kl"] = d.ce, d.kl
                     if policy is not None and d.flag_rate is not None:
                         metrics["flag_rate"] = d.flag_rate
                         metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
+                        # counts, so that the folds combine as a ratio of sums
+                        if d.edited_heads is not None and d.flagged_positions is not None:
+                            meta[HEADS], meta[FLAGGED] = float(d.edited_heads), float(d.flagged_positions)
                 seconds = time.time() - t_method
                 result = PartialResult(
                     fold=fold,
                     method=name,
                     metrics={k: float(v) for k, v in metrics.items()},
-                    record=_fold_record(fold, policies[name], seconds, task.fold_meta),
+                    record=_fold_record(fold, policies[name], seconds, meta),
                     rows=evaluation.rows,
                     judge_name=task.judge_name,
+                    items=evaluation.items,
                 )
                 self.store.save(result)
                 done[(fold, name)] = result
@@ -284,15 +306,15 @@ class CompareRun:
         """``results.json`` from the saved results (the same path for fresh and resumed runs)."""
         cfg = self.config
         methods: dict[str, MethodResult] = {}
+        examples: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for name in cfg.methods:
-            values: dict[str, list[float]] = {}
-            records = []
-            for fold in range(cfg.folds):
-                part = done[(fold, name)]
-                for key, value in part.metrics.items():
-                    values.setdefault(key, []).append(value)
-                records.append(part.record)
-            methods[name] = MethodResult({k: MetricSummary.of(v) for k, v in values.items()}, records)
+            parts = [done[(fold, name)] for fold in range(cfg.folds)]
+            bases = [done[(fold, BASELINE)] for fold in range(cfg.folds)]
+            methods[name] = method_result(
+                self.task, name, parts, bases, bootstrap=cfg.bootstrap, seed=cfg.seed
+            )
+            if name != BASELINE:
+                examples[name] = pick_examples(self.task, parts, bases, seed=cfg.seed)
         last = done[(cfg.folds - 1, cfg.methods[-1])]
         config = {
             **cfg.to_dict(),
@@ -305,7 +327,9 @@ class CompareRun:
         if resumed:
             config["resumed_results"] = resumed
         catalogue = {
-            k: spec for k, spec in self.task.metrics.items() if any(k in m.metrics for m in methods.values())
+            k: spec
+            for k, spec in self.task.metric_specs().items()
+            if any(k in m.metrics for m in methods.values())
         }
         return RunResults(
             config=config,
@@ -316,6 +340,8 @@ class CompareRun:
             seconds=time.time() - started,
             timings=dict(self.timer.seconds),
             versions=versions(),
+            judges=self.task.judges(),
+            examples={m: e for m, e in examples.items() if any(e.values())},
         )
 
 

@@ -10,7 +10,8 @@ methods, the CE/KL side effects on natural text, saving each finished (fold, met
 Life of a task: ``Task(config)`` loads its data and builds its judges (no model yet) ->
 :meth:`Task.preflight` contacts any external service once -> :meth:`Task.bind` receives the model ->
 per fold :meth:`Task.start_fold`, then per method :meth:`Task.stage3` (SLIM only) and
-:meth:`Task.evaluate`.
+:meth:`Task.evaluate` (the unsteered model, method ``none``, first: every method's answers are
+compared with its answers question by question, see :mod:`otguard.harness.paired`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from otguard.harness.paired import ItemValues
 from otguard.report.explain import cells_item
 from otguard.results import MetricSpec
 
@@ -36,41 +38,59 @@ if TYPE_CHECKING:
 
 __all__ = ["SIDE_EFFECT_METRICS", "Evaluation", "StageTimer", "Task", "common_reading"]
 
+# A metric of a method's items against ``none``'s: (item set, per-item metric id, "repair" | "harm").
+RepairSpec = tuple[str, str, str]
+# A product metric: (item set, first factor's metric id, second factor's metric id).
+ProductSpec = tuple[str, str, str]
+
 #: Metrics the fold loop adds for every task: CE/KL on natural text, the detector's flag rate and the
 #: edited heads per flagged position.
 SIDE_EFFECT_METRICS: dict[str, MetricSpec] = {
     "ce": MetricSpec("CE", False, "side-effects", "nats"),
     "kl": MetricSpec("KL", False, "side-effects", "nats"),
     "flag_rate": MetricSpec("Flag rate", None, "side-effects", "%"),
-    "edited_heads": MetricSpec("Edited heads / flag", None, "side-effects", ""),
+    "edited_heads": MetricSpec("Edited heads / flagged position", None, "side-effects", ""),
 }
 
 
 @dataclass
 class Evaluation:
-    """One policy on one fold: metric values and the rows of the task's CSV."""
+    """One policy on one fold: metric values, the rows of the task's CSV, per-item values by item set
+    (for repair/harm and the paired bootstrap) and facts recorded with the fold (``meta``)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    items: dict[str, ItemValues] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class StageTimer:
-    """Wall-clock seconds per stage, summed over folds and methods (written to ``results.json``)."""
+    """Wall-clock seconds per stage, summed over folds and methods (written to ``results.json``).
+
+    Stages are exclusive: a stage timed inside another (Stage 3 inside fitting) is counted for
+    itself only, and its time is taken out of the enclosing stage, so the stages add up to the run.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open stage: seconds spent in stages nested inside it
 
     @contextlib.contextmanager
     def __call__(self, key: str) -> Iterator[None]:
         t0 = time.time()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+            elapsed = time.time() - t0
+            inner = self._inner.pop()
+            self.seconds[key] = self.seconds.get(key, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 def common_reading() -> dict[str, tuple[str, str]]:
-    """The "how to read" items every task shares, by key: cells, side effects, flags."""
+    """The "how to read" items every task shares, by key: cells, side effects, differences, flags."""
     return {
         "cells": cells_item(),
         "side_effects": (
@@ -79,11 +99,19 @@ def common_reading() -> dict[str, tuple[str, str]]:
             "steered model's next-token cross-entropy (compare with the unedited 'none' row); KL is "
             "KL(original ‖ steered) per token. Both are side effects: lower means less damage.",
         ),
+        "deltas": (
+            "Difference to none:",
+            "each method's value minus the unsteered model's, with the 95 % interval of a paired "
+            "bootstrap over test items (items resampled within their fold, each paired with the "
+            "unsteered model's result on the same item of its fold). A star marks differences whose "
+            "interval excludes 0.",
+        ),
         "flags": (
             "Flag rate and edited heads:",
-            "the share of prompts the detector of a gated method (RADIANT, SLIM) flags for repair, "
-            "and how many heads a method edits. A gated method that flags nearly everything behaves "
-            "like an ungated one.",
+            "the share of positions the detector of a gated method (RADIANT, SLIM) flags for repair on "
+            "natural text, and how many heads a method edits per flagged position (summed over the "
+            "hooked layers; over folds, total edited heads / total flagged positions). A gated method "
+            "that flags nearly everything behaves like an ungated one.",
         ),
     }
 
@@ -159,6 +187,32 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, method: str, policy: Policy | None) -> Evaluation:
         """Evaluate ``policy`` (None: the unedited model) on the fold's held-out items."""
+
+    # ---- paired metrics (computed by the fold loop from the items of a method and of ``none``) ------
+
+    def repair_metrics(self) -> dict[str, RepairSpec]:
+        """Metric id -> (item set, per-item 0/1 metric, "repair" | "harm"); none by default."""
+        return {}
+
+    def product_metrics(self) -> dict[str, ProductSpec]:
+        """Metric id -> (item set, a, b) for metrics that are the product of two fold means; none by
+        default. Their summary mean is mean(a) x mean(b) over folds, not the mean of per-fold products."""
+        return {}
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        """This run's metric catalogue (labels may name the run's judges); the class catalogue by default."""
+        return dict(self.metrics)
+
+    def judges(self) -> dict[str, dict[str, Any]]:
+        """The judges and scorers behind the metrics, by role, with their validation figures."""
+        return {}
+
+    def examples(
+        self, before: list[dict[str, Any]], after: list[dict[str, Any]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Candidate examples by kind ("repaired", "harmed") from the CSV rows of ``none`` (``before``)
+        and of a method (``after``) on one fold; the fold loop keeps a seeded few. None by default."""
+        return {}
 
     # ---- the report's text -------------------------------------------------------------------------
 

@@ -1,26 +1,47 @@
-"""The TruthfulQA task: multiple choice, judged generation and NQ-Open transfer, in one place.
+"""The TruthfulQA task: multiple choice, judged generation, transfer and the gate, in one place.
 
 The detector is trained on TruthfulQA's MC2 answers (truthful = desirable), folds split by question.
 Each policy is evaluated on its fold's held-out questions:
 
 - multiple choice: MC1/MC2/MC3 (the policy edits answer tokens only);
-- generation: greedy answers judged by the main judge (True, Info, True×Info as the product of
-  averages *and* as the joint rate), plus SEM, the BLEU/ROUGE-L reference-overlap rules and the
-  "I have no comment" rate;
-- transfer: the same generation evaluation on NQ-Open (a fixed, seeded subset, split across folds).
+- generation: greedy answers judged by the main judge (True, Info, True×Info as the product of the
+  fold means *and* as the joint rate), plus SEM, the BLEU/ROUGE-L reference-overlap rules and the
+  "I have no comment" rate; every column names its judge, and a column that would repeat the main
+  judge (SEM when SEM is the main judge) is not computed twice;
+- repair and harm: per question, the judged truth (and MC1) of the policy's answer against the
+  unsteered answer of the same fold (computed by the fold loop from the per-question values);
+- the gate at the point of use (gated methods): reference answers of the fold's test questions
+  (a seeded sample, :func:`gate_sample`) teacher-forced in the generation prompt
+  (:mod:`otguard.evaluation.gate`);
+- transfer: the same generation evaluation on other question sets (NQ-Open, or CSV files in the
+  TruthfulQA layout; a fixed, seeded subset of each, split across folds), judged by the learned judge
+  trained on that set's labels where they exist, else by the main judge, with SEM next to it.
 
-SLIM's Stage 3 chooses κ on (at most ``stage3_questions``) validation questions of the training fold.
+SLIM's Stage 3 chooses κ on a seeded random sample of (at most ``stage3_questions``) validation
+questions of the training fold.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from otguard.errors import DataError, OtguardError
-from otguard.harness.task import SIDE_EFFECT_METRICS, Evaluation, StageTimer, Task, common_reading
+from otguard.harness.paired import ItemValues
+from otguard.harness.task import (
+    SIDE_EFFECT_METRICS,
+    Evaluation,
+    ProductSpec,
+    RepairSpec,
+    StageTimer,
+    Task,
+    common_reading,
+)
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -32,10 +53,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "TruthfulQATask", "judge_metrics"]
+__all__ = ["METRICS", "TransferSet", "TruthfulQATask", "gate_sample", "judge_metrics"]
 
-_GEN = "generation"
-#: TruthfulQA's metric catalogue, in table order.
+_GEN, _REPAIR, _GATE = "generation", "repair", "gate"
+TEST = "test"  # the item set of the fold's test questions
+#: TruthfulQA's metric catalogue, in table order (a run's labels name its judges: ``metric_specs``).
 METRICS: dict[str, MetricSpec] = {
     "mc1": MetricSpec("MC1", True, "mc", "%"),
     "mc2": MetricSpec("MC2", True, "mc", "%"),
@@ -48,11 +70,23 @@ METRICS: dict[str, MetricSpec] = {
     "bleu_true": MetricSpec("BLEU true", True, _GEN, "%"),
     "rouge_true": MetricSpec("ROUGE-L true", True, _GEN, "%"),
     "no_comment_rate": MetricSpec("No comment", None, _GEN, "%"),
+    "repair_rate": MetricSpec("Repaired", True, _REPAIR, "%"),
+    "harm_rate": MetricSpec("Harmed", False, _REPAIR, "%"),
+    "mc1_repair_rate": MetricSpec("Repaired (MC1)", True, _REPAIR, "%"),
+    "mc1_harm_rate": MetricSpec("Harmed (MC1)", False, _REPAIR, "%"),
     "nq_true": MetricSpec("NQ True", True, "transfer", "%"),
     "nq_info": MetricSpec("NQ Info", True, "transfer", "%"),
     "nq_true_x_info_product": MetricSpec("NQ True×Info", True, "transfer", "%"),
+    "nq_sem": MetricSpec("NQ SEM", True, "transfer", "%"),
+    "false_flag_rate": MetricSpec("False-flag rate (true answers)", False, _GATE, "%"),
+    "catch_rate": MetricSpec("Catch rate (false answers)", True, _GATE, "%"),
+    "gate_auroc": MetricSpec("Gate AUROC (votes)", True, _GATE, ""),
+    "guarantee_share": MetricSpec("Desirable after edit", True, _GATE, "%"),
+    "guarantee_nominal": MetricSpec("Nominal level", None, _GATE, "%"),
     **SIDE_EFFECT_METRICS,
 }
+_GATE_KEYS = ("false_flag_rate", "catch_rate", "gate_auroc", "guarantee_share")
+_TRANSFER_KEYS = ("true", "info", "true_x_info_product", "sem")
 
 # A judged answer for the pre-run check of an external judge.
 _PROBE_ANSWER = "I have no comment."
@@ -70,8 +104,33 @@ def judge_metrics(prefix: str, result: Any) -> dict[str, float]:
     return out
 
 
+def _floats(values: Any) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+@dataclass
+class TransferSet:
+    """One transfer question set: metric-id ``prefix``, display ``label``, its questions, its judge
+    and the label of that judge (``sem`` True when SEM is computed next to it)."""
+
+    source: str
+    prefix: str
+    label: str
+    items: list[QAItem]
+    judge: Any
+    judge_label: str
+    record: dict[str, Any]
+    sem: bool
+    info_label: str = "non-refusal"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "set"
+
+
 class TruthfulQATask(Task):
-    """TruthfulQA: MC1/2/3, judged generation, NQ-Open transfer; SLIM's κ tuned on validation questions."""
+    """TruthfulQA: MC1/2/3, judged generation, repair/harm, the gate at the point of use, transfer;
+    SLIM's κ tuned on validation questions."""
 
     name: ClassVar[str] = "truthfulqa"
     metrics: ClassVar[dict[str, MetricSpec]] = METRICS
@@ -81,10 +140,10 @@ class TruthfulQATask(Task):
     def __init__(
         self, config: CompareConfig, *, progress: bool = True, timer: StageTimer | None = None
     ) -> None:
-        from otguard.data import nqopen_items, truthfulqa_items, truthfulqa_mc2
-        from otguard.evaluation.factory import make_judge
+        from otguard.data import truthfulqa_items, truthfulqa_mc2
         from otguard.evaluation.overlap import ReferenceOverlapJudge
         from otguard.evaluation.semantic import SemJudge, SentenceEmbedder
+        from otguard.harness.judges import build_main_judge
 
         super().__init__(config, progress=progress, timer=timer)
         self.dataset = truthfulqa_mc2(config.data_dir)
@@ -96,38 +155,96 @@ class TruthfulQATask(Task):
             n_transfer = min(n_transfer, max(1, config.limit // 2))  # a quick run scales the transfer too
         self.embedder = SentenceEmbedder(config.embedder)
         self.sem_judge = SemJudge(self.embedder)
-        self.judge = (
-            self.sem_judge if config.judge == "sem" else make_judge(config.judge, **config.judge_options)
-        )
+        self.choice = build_main_judge(config.judge, config, self.sem_judge)
+        self.judge = self.choice.judge
         self.judge_name: str = getattr(self.judge, "name", config.judge)
-        self.overlap = {
-            "bleu_true": ReferenceOverlapJudge("bleu"),
-            "rouge_true": ReferenceOverlapJudge("rougeL"),
-        }
-        self.transfer_items: list[QAItem] = []
-        if config.transfer == "nqopen" and n_transfer > 0:
-            try:
-                all_nq = nqopen_items(config.data_dir)
-                n = min(n_transfer, len(all_nq))
-                pick = np.sort(np.random.default_rng(config.seed).choice(len(all_nq), size=n, replace=False))
-                self.transfer_items = [all_nq[i] for i in pick]
-            except DataError as exc:
-                logger.warning("Transfer evaluation skipped: %s", exc)
+        # Secondary columns; one that would repeat the main judge is left out.
+        self.extra_sem = self.choice.kind != "sem"
+        self.overlap = {}
+        if self.choice.kind != "bleu":
+            self.overlap["bleu_true"] = ReferenceOverlapJudge("bleu")
+        if self.choice.kind != "rouge":
+            self.overlap["rouge_true"] = ReferenceOverlapJudge("rougeL")
+        self.transfer_sets = self._transfer_sets(n_transfer) if n_transfer > 0 else []
         self.test_items: list[QAItem] = []
         self.val_items: list[QAItem] = []
-        self.fold_transfer: list[QAItem] = []
+        self.fold_transfer: dict[str, list[QAItem]] = {}
+        self.gate_items: list[QAItem] = []
+
+    # ---- set-up ------------------------------------------------------------------------------------
+
+    def _transfer_sets(self, n_transfer: int) -> list[TransferSet]:
+        from otguard.data import nqopen_items
+        from otguard.data.qa import qa_items_from_csv
+        from otguard.harness.judges import build_main_judge, unvalidated
+
+        cfg = self.config
+        out: list[TransferSet] = []
+        taken: set[str] = set()  # prefixes of the sets before; a CSV's may not clash with any metric id
+        for source in cfg.transfer:
+            try:
+                if source == "nqopen":
+                    items, prefix, label = nqopen_items(cfg.data_dir), "nq_", "NQ-Open"
+                    labels = self._nqopen_labels()
+                else:
+                    path = Path(source).expanduser()
+                    items, label = qa_items_from_csv(path), path.stem
+                    prefix = _slug(path.stem) + "_"
+                    sibling = path.with_name(f"{path.stem}.finetune_truth.jsonl")
+                    labels = str(sibling) if sibling.is_file() else None
+            except DataError as exc:
+                logger.warning("Transfer set %s skipped: %s", source, exc)
+                continue
+            while prefix in taken or (
+                source != "nqopen" and any(f"{prefix}{k}" in METRICS for k in _TRANSFER_KEYS)
+            ):
+                prefix = prefix[:-1] + "x_"
+            taken.add(prefix)
+            n = min(n_transfer, len(items))
+            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(items), size=n, replace=False))
+            items = [items[i] for i in pick]
+            if self.choice.kind == "learned" and labels is not None:
+                own = build_main_judge(cfg.judge, cfg, self.sem_judge, labels=labels)
+                judge, judge_label, record, sem = (
+                    own.judge,
+                    f"learned judge: {label}",
+                    own.records["true"],
+                    False,
+                )
+                info_label = own.info_label
+            else:
+                judge, judge_label, sem = self.judge, self.choice.label, self.choice.kind != "sem"
+                info_label = self.choice.info_label
+                if self.choice.kind == "learned":
+                    judge_label = "learned judge: TruthfulQA"
+                record = {
+                    **self.choice.records["true"],
+                    "note": "the TruthfulQA judge: no labels for this set",
+                }
+            if sem:
+                record = {**record, "secondary": unvalidated("sem", self.sem_judge.name)}
+            out.append(TransferSet(source, prefix, label, items, judge, judge_label, record, sem, info_label))
+        return out
+
+    def _nqopen_labels(self) -> str | None:
+        """``"nqopen"`` (the learned judge's label source, with NQ-Open's references) if it has labels."""
+        from otguard.data._base import resolve_data_dir
+
+        root = resolve_data_dir(self.config.data_dir)
+        path = None if root is None else root / "nqopen" / "finetune_truth.jsonl"
+        return "nqopen" if path is not None and path.is_file() else None
 
     def preflight(self) -> None:
         """Judge one answer with a judge that is not the offline SEM judge (an HTTP server, usually).
 
         The check uses at most one retry, so a server that is down fails in seconds, not minutes.
         """
-        if self.judge is self.sem_judge or not self.items:
+        if self.choice.kind != "openai" or not self.items:
             return
         retries = getattr(self.judge, "max_retries", None)
         try:
             if retries is not None:
-                self.judge.max_retries = min(1, retries)  # type: ignore[attr-defined]
+                self.judge.max_retries = min(1, retries)
             self.judge.judge(self.items[:1], [_PROBE_ANSWER])
         except OtguardError as exc:
             from otguard.evaluation.verdicts import JudgeError
@@ -137,18 +254,114 @@ class TruthfulQATask(Task):
             ) from exc
         finally:
             if retries is not None:
-                self.judge.max_retries = retries  # type: ignore[attr-defined]
+                self.judge.max_retries = retries
         logger.info("Judge %s answered the pre-run check", self.judge_name)
 
+    # ---- catalogue and judges ----------------------------------------------------------------------
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        """The catalogue with every generation column naming its judge; one entry per transfer set."""
+        j, info = self.choice.label, self.choice.info_label
+        both = j if j == info else f"{j} × {info}"
+        joint = j if j == info else f"{j} & {info}"
+        label = {
+            "true": f"True ({j})",
+            "info": f"Info ({info})",
+            "true_x_info_product": f"True×Info product ({both})",
+            "true_x_info_joint": f"True×Info joint ({joint})",
+            "sem": "SEM (MiniLM)" if self.config.embedder == "minilm" else f"SEM ({self.config.embedder})",
+            "bleu_true": "BLEU true (reference overlap)",
+            "rouge_true": "ROUGE-L true (reference overlap)",
+            "no_comment_rate": "No comment (refusal rule)",
+            "repair_rate": f"Repaired ({j})",
+            "harm_rate": f"Harmed ({j})",
+            "mc1_repair_rate": "Repaired (MC1)",
+            "mc1_harm_rate": "Harmed (MC1)",
+        }
+        out: dict[str, MetricSpec] = {}
+        for key, spec in METRICS.items():
+            if key.startswith("nq_"):
+                continue
+            if key == "sem" and not self.extra_sem:
+                continue
+            out[key] = MetricSpec(label.get(key, spec.label), spec.higher_is_better, spec.group, spec.unit)
+            if key == "mc1_harm_rate":
+                out.update(self._transfer_specs())
+        return out
+
+    def _transfer_specs(self) -> dict[str, MetricSpec]:
+        out = {}
+        for t in self.transfer_sets:
+            out[f"{t.prefix}true"] = MetricSpec(f"{t.label} True ({t.judge_label})", True, "transfer", "%")
+            out[f"{t.prefix}info"] = MetricSpec(f"{t.label} Info ({t.info_label})", True, "transfer", "%")
+            out[f"{t.prefix}true_x_info_product"] = MetricSpec(f"{t.label} True×Info product", True,
+                                                               "transfer", "%")  # fmt: skip
+            if t.sem:
+                out[f"{t.prefix}sem"] = MetricSpec(f"{t.label} SEM (MiniLM)", True, "transfer", "%")
+        return out
+
+    def judges(self) -> dict[str, dict[str, Any]]:
+        from otguard.harness.judges import unvalidated
+
+        out = dict(self.choice.records)
+        if self.extra_sem:
+            out["sem"] = unvalidated("sem", self.sem_judge.name)
+        for key, judge in self.overlap.items():
+            out[key] = unvalidated("bleu" if key.startswith("bleu") else "rouge", judge.name)
+        out["no_comment_rate"] = unvalidated("refusal", "refusal rule")
+        for t in self.transfer_sets:
+            out[f"{t.prefix}true"] = {**t.record, "transfer_set": t.source}
+        return out
+
+    def repair_metrics(self) -> dict[str, RepairSpec]:
+        return {
+            "repair_rate": (TEST, "true", "repair"),
+            "harm_rate": (TEST, "true", "harm"),
+            "mc1_repair_rate": (TEST, "mc1", "repair"),
+            "mc1_harm_rate": (TEST, "mc1", "harm"),
+        }
+
+    def product_metrics(self) -> dict[str, ProductSpec]:
+        out = {"true_x_info_product": (TEST, "true", "info")}
+        for t in self.transfer_sets:
+            out[f"{t.prefix}true_x_info_product"] = (t.prefix, f"{t.prefix}true", f"{t.prefix}info")
+        return out
+
+    def examples(
+        self, before: list[dict[str, Any]], after: list[dict[str, Any]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Questions whose judged truth changed: repaired (false -> true) and harmed (true -> false)."""
+        base = {r["question"]: r for r in before}
+        out: dict[str, list[dict[str, Any]]] = {"repaired": [], "harmed": []}
+        for r in after:
+            b = base.get(r["question"])
+            if b is None:
+                continue
+            was, now = _truth(b["true"]), _truth(r["true"])
+            if was != now:
+                kind = "repaired" if now else "harmed"
+                out[kind].append({"question": r["question"], "before": b["answer"], "after": r["answer"]})
+        return out
+
+    # ---- the fold loop's calls ---------------------------------------------------------------------
+
     def start_fold(self, fold: int, split: Split) -> None:
+        from otguard.methods.stage3 import sample_questions
+
         groups = self.dataset.groups
         self.fold = fold
         self.test_items = [self.items[g] for g in np.unique(groups[split.test])]
-        self.val_items = [self.items[g] for g in np.unique(groups[split.val])][: self.config.stage3_questions]
-        self.fold_transfer = self.transfer_items[fold :: self.config.folds]
+        val = [self.items[g] for g in np.unique(groups[split.val])]
+        # A seeded sample of all validation questions (TruthfulQA is sorted by category).
+        self.val_items = sample_questions(val, self.config.stage3_questions, self.config.seed + fold)
+        self.fold_transfer = {t.prefix: t.items[fold :: self.config.folds] for t in self.transfer_sets}
+        self.gate_items = gate_sample(self.test_items, self.config.gate_questions, self.config.gate_answers,
+                                      seed=self.config.seed + fold)  # fmt: skip
         self.fold_meta = {
             "test_questions": len(self.test_items),
-            "transfer_questions": len(self.fold_transfer),
+            "stage3_questions": len(self.val_items),
+            "gate_questions": len(self.gate_items),
+            "transfer_questions": {t.source: len(self.fold_transfer[t.prefix]) for t in self.transfer_sets},
         }
 
     def stage3(self, policy: Policy) -> Policy:
@@ -189,7 +402,7 @@ class TruthfulQATask(Task):
 
     def evaluate(self, method: str, policy: Policy | None) -> Evaluation:
         from otguard.evaluation.truthfulqa_mc import score_mc
-        from otguard.evaluation.verdicts import no_comment_rate
+        from otguard.evaluation.verdicts import is_refusal
 
         cfg, items = self.config, self.test_items
         metrics: dict[str, float] = {}
@@ -203,34 +416,81 @@ class TruthfulQATask(Task):
                 progress=self.progress,
             )
         metrics.update({"mc1": mc.mc1, "mc2": mc.mc2, "mc3": mc.mc3})
+        per_item: dict[str, list[float]] = {
+            "mc1": _floats(mc.mc1_per_question),
+            "mc2": _floats(mc.mc2_per_question),
+            "mc3": _floats(mc.mc3_per_question),
+        }
         with self.timer("generation"):
             answers = self._answers(items, policy)
         with self.timer("judging"):
             main = self.judge.judge(items, answers)
             metrics.update(judge_metrics("", main))
-            metrics["sem"] = (
-                main.summary()["true"]
-                if self.judge is self.sem_judge
-                else self.sem_judge.judge(items, answers).summary()["true"]
-            )
+            per_item["true"] = _floats(main.truthful)
+            if main.informative is not None:
+                per_item["info"] = _floats(main.informative)
+                per_item["true_x_info_joint"] = _floats(main.truthful & main.informative)
+            if self.extra_sem:
+                sem = self.sem_judge.judge(items, answers)
+                metrics["sem"], per_item["sem"] = sem.summary()["true"], _floats(sem.truthful)
             for key, judge in self.overlap.items():
-                metrics[key] = judge.judge(items, answers).summary()["true"]
-            metrics["no_comment_rate"] = no_comment_rate(answers)
+                verdicts = judge.judge(items, answers)
+                metrics[key], per_item[key] = verdicts.summary()["true"], _floats(verdicts.truthful)
+            per_item["no_comment_rate"] = [float(is_refusal(a)) for a in answers]
+            metrics["no_comment_rate"] = (
+                float(np.mean(per_item["no_comment_rate"])) if answers else float("nan")
+            )
         truthful = np.asarray(main.truthful, dtype=bool)
         rows = [
             {"fold": self.fold, "method": method, "question": it.question, "answer": ans, "true": bool(ok)}
             for it, ans, ok in zip(items, answers, truthful, strict=True)
         ]
-        if self.fold_transfer:
+        out = Evaluation(metrics, rows, {TEST: ItemValues([it.question for it in items], per_item)})
+        if policy is not None and cfg.gate and any(e.threshold is not None for e in policy.layers):
+            self._gate(policy, out)
+        for t in self.transfer_sets:
+            fold_items = self.fold_transfer.get(t.prefix) or []
+            if not fold_items:
+                continue
             with self.timer("transfer"):
-                nq_answers = self._answers(self.fold_transfer, policy)
-                metrics.update(judge_metrics("nq_", self.judge.judge(self.fold_transfer, nq_answers)))
-        return Evaluation(metrics, rows)
+                t_answers = self._answers(fold_items, policy)
+                verdicts = t.judge.judge(fold_items, t_answers)
+                metrics.update(judge_metrics(t.prefix, verdicts))
+                values = {f"{t.prefix}true": _floats(verdicts.truthful)}
+                if verdicts.informative is not None:
+                    values[f"{t.prefix}info"] = _floats(verdicts.informative)
+                if t.sem:
+                    sem = self.sem_judge.judge(fold_items, t_answers)
+                    metrics[f"{t.prefix}sem"], values[f"{t.prefix}sem"] = (
+                        sem.summary()["true"],
+                        _floats(sem.truthful),
+                    )
+            out.items[t.prefix] = ItemValues([it.question for it in fold_items], values)
+        return out
+
+    def _gate(self, policy: Policy, out: Evaluation) -> None:
+        """The gate at the point of use on the fold's test questions (reference answers teacher-forced
+        in the generation prompt): rates into the metrics, the whole record into the fold's facts."""
+        from otguard.evaluation.gate import measure_gate
+
+        with self.timer("gate"):
+            gate = measure_gate(self.model, self.tokenizer, policy, self.gate_items,
+                                batch_size=self.config.batch_size)  # fmt: skip
+        for key in _GATE_KEYS:
+            out.metrics[key] = float(getattr(gate, key))
+        if gate.nominal_level is not None:
+            out.metrics["guarantee_nominal"] = float(gate.nominal_level)
+        record = _finite(gate.to_dict())
+        record.pop("info", None)
+        out.meta["gate"] = record
 
     @classmethod
     def how_to_read(cls, results: RunResults) -> list[tuple[str, str]]:
         judge = str(results.config.get("judge", "unknown"))
         common = common_reading()
+        validated = [
+            f"{role} ({rec.get('name')})" for role, rec in results.judges.items() if rec.get("validated")
+        ]
         return [
             common["cells"],
             (
@@ -241,19 +501,91 @@ class TruthfulQATask(Task):
             ),
             (
                 "True×Info product vs. joint:",
-                "the product multiplies the two averages (% true × % informative), as the papers report "
-                "it; the joint rate is the share of answers that are both true and informative. They differ "
-                "when truth and informativeness trade off answer by answer: a refusal ('I have no comment') "
-                "counts as true but not informative, so a method that refuses more can keep the product up "
-                "while adding nothing to the joint rate.",
+                "the product multiplies the two averages (% true × % informative, each averaged over the "
+                "folds), as the papers report it; the joint rate is the share of answers that are both true "
+                "and informative. They differ when truth and informativeness trade off answer by answer: a "
+                "refusal ('I have no comment') counts as true but not informative, so a method that refuses "
+                "more can keep the product up while adding nothing to the joint rate.",
+            ),
+            (
+                "Repaired and harmed:",
+                "per test question, the policy's answer against the unsteered model's answer to the same "
+                "question (same fold). Repaired: share of the questions the unsteered model answered falsely "
+                "that the policy answers truthfully; harmed: share of those answered truthfully that become "
+                "false. The MC1 columns do the same with MC1's per-question verdict (no judge involved). A "
+                "policy helps only where repairs clearly outnumber harms.",
+            ),
+            common["deltas"],
+            (
+                "The gate at the point of use:",
+                "for gated methods, TruthfulQA's correct and incorrect reference answers of the test "
+                f"questions ({_gate_sample_text(results.config)}) are teacher-forced inside the exact "
+                "generation prompt with the policy attached. "
+                "False-flag rate: share of true-answer tokens flagged; catch rate: share of false-answer "
+                "tokens flagged; gate AUROC: of the vote count, false answers as positives. 'Desirable after "
+                "edit' is the share of edited head activations the head's own probe calls desirable after "
+                "the edit, against the nominal level the method's chance constraint promises (SLIM: "
+                "1 − γ; RADIANT: Φ(margin)). The bank-level validation figures are those of the detector "
+                "plot (last token of Q/A bank texts).",
             ),
             common["side_effects"],
             common["flags"],
             (
                 "Judges:",
-                f"generation metrics here come from the '{judge}' judge. Semantic-similarity (SEM) and "
-                "other offline judges are not comparable with the fine-tuned GPT judges of the RADIANT, "
-                "SLIM and TruthfulQA papers: compare methods within this report, not with the papers' "
-                "numbers.",
+                f"the main judge is '{judge}'; every column names the judge behind it. "
+                + (
+                    "Validated against held-out human labels: " + ", ".join(validated) + " (figures under "
+                    "'Judges' above). "
+                    if validated
+                    else "No judge of this run was validated against human labels. "
+                )
+                + "SEM, BLEU/ROUGE-L and the refusal rule are not validated; compare methods within this "
+                "report, not with the papers' GPT-judge numbers.",
             ),
         ]
+
+
+def _gate_sample_text(config: dict[str, Any]) -> str:
+    q, a = config.get("gate_questions"), config.get("gate_answers")
+    qs = "all of them" if not q else f"a seeded sample of up to {q} per fold"
+    answers = "all their reference answers" if not a else f"up to {a} correct and {a} incorrect answers each"
+    return f"{qs}, {answers}"
+
+
+def gate_sample(items: list[QAItem], questions: int, answers: int, *, seed: int) -> list[QAItem]:
+    """The gate measurement's items: a seeded sample of ``questions`` items (0: all), each with a seeded
+    sample of at most ``answers`` correct and ``answers`` incorrect reference answers (0: all).
+
+    The teacher-forced forward passes cost in proportion to the reference answers (about eight per
+    TruthfulQA question); the rates pool thousands of answer tokens even from the sample.
+    """
+    import dataclasses
+
+    from otguard.methods.stage3 import sample_questions
+
+    rng = np.random.default_rng(seed)
+    picked = sample_questions(items, questions, seed) if questions else list(items)
+
+    def some(refs: tuple[str, ...]) -> tuple[str, ...]:
+        if not answers or len(refs) <= answers:
+            return tuple(refs)
+        return tuple(refs[i] for i in sorted(rng.choice(len(refs), size=answers, replace=False)))
+
+    return [dataclasses.replace(it, correct_answers=some(it.correct_answers),
+                                incorrect_answers=some(it.incorrect_answers)) for it in picked]  # fmt: skip
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _truth(value: Any) -> bool:
+    """A CSV row's truth verdict (bool, or its text after a round trip through a file)."""
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")

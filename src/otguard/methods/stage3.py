@@ -103,6 +103,23 @@ def _check_grid(grid: Sequence[float]) -> list[float]:
     return values
 
 
+def sample_questions(items: Sequence[Any], n: int, seed: int) -> list[Any]:
+    """A seeded random sample of ``n`` validation questions (all of them when there are fewer), in
+    their original order.
+
+    Drawn from *all* validation questions, not the first ``n`` by index: TruthfulQA is sorted by
+    category, so the first questions would all come from a few categories.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0; got {n}.")
+    if n >= len(items):
+        return list(items)
+    import numpy as np
+
+    pick = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
+    return [items[int(i)] for i in pick]
+
+
 def select_kappa(
     policy: Any,
     model: Any,

@@ -6,7 +6,7 @@ The compare job can take hours; this package only re-reads what it wrote (throug
 (PNGs as base64 data URIs) from the same content blocks, so both always say the same thing.
 
 Modules: :mod:`~otguard.report.tables` (metrics, units, cell text, best values),
-:mod:`~otguard.report.plots` (the three PNGs), :mod:`~otguard.report.explain` (the per-task "How to read
+:mod:`~otguard.report.plots` (the PNGs), :mod:`~otguard.report.explain` (the per-task "How to read
 this" text and trade-off plot), :mod:`~otguard.report.document` (the report's content as blocks),
 :mod:`~otguard.report.render` (Markdown and HTML), :mod:`~otguard.report.build` (:func:`write_report`),
 :mod:`~otguard.report.cli` (``otguard report`` / ``python -m otguard.report``).
@@ -14,7 +14,7 @@ this" text and trade-off plot), :mod:`~otguard.report.document` (the report's co
 
 from otguard.report.build import write_report
 from otguard.report.cli import add_arguments, main, run
-from otguard.report.plots import plot_detector, plot_flag_rates, plot_tradeoff
+from otguard.report.plots import plot_detector, plot_flag_rates, plot_repair_harm, plot_tradeoff
 from otguard.report.render import markdown_table
 from otguard.report.tables import results_table
 
@@ -24,6 +24,7 @@ __all__ = [
     "markdown_table",
     "plot_detector",
     "plot_flag_rates",
+    "plot_repair_harm",
     "plot_tradeoff",
     "results_table",
     "run",

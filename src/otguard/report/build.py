@@ -6,9 +6,15 @@ import os
 from pathlib import Path
 
 from otguard.io import atomic_write_text
-from otguard.report.document import DETECTOR_PNG, FLAGS_PNG, TRADEOFF_PNG, report_blocks
+from otguard.report.document import DETECTOR_PNG, FLAGS_PNG, REPAIR_PNG, TRADEOFF_PNG, report_blocks
 from otguard.report.explain import HowToRead, cells_item, task_view
-from otguard.report.plots import plot_detector, plot_flag_rates, plot_tradeoff, tradeoff_metrics
+from otguard.report.plots import (
+    plot_detector,
+    plot_flag_rates,
+    plot_repair_harm,
+    plot_tradeoff,
+    tradeoff_metrics,
+)
 from otguard.report.render import render_html, render_markdown
 from otguard.report.tables import ResultsLike, as_results
 from otguard.results import RunResults, resolve_path
@@ -48,6 +54,7 @@ def write_report(
         DETECTOR_PNG: plot_detector(res, out / DETECTOR_PNG),
         TRADEOFF_PNG: plot_tradeoff(res, out / TRADEOFF_PNG, x, y),
         FLAGS_PNG: plot_flag_rates(res, out / FLAGS_PNG),
+        REPAIR_PNG: plot_repair_harm(res, out / REPAIR_PNG),
     }
     for png, made in plots.items():
         if made is None:

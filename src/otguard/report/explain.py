@@ -37,7 +37,8 @@ def cells_item() -> tuple[str, str]:
     """The generic item: what a table cell, bold and the dash mean (every task's report has it)."""
     return (
         "Cells:",
-        "mean ± standard deviation across the cross-validation folds (no ± with one fold). "
+        "mean ± standard deviation across the cross-validation folds (no ± with one fold; which one, "
+        "sample or population, the legend above the tables says). "
         f"Bold marks the best mean of a column where the metric has a direction; {MISSING} means "
         "the method does not have that metric (e.g. no flag rate for an ungated method).",
     )

@@ -1,4 +1,5 @@
-"""The report's three plots: detector error per layer, a trade-off scatter, flag rates and edited heads.
+"""The report's plots: detector error per layer, a trade-off scatter, flag rates and edited heads, and
+repaired vs. harmed answers per method.
 
 matplotlib is imported inside the functions (importing the report stays cheap) and figures are drawn on
 the non-interactive Agg canvas without touching pyplot's global state. Each plot returns None and writes
@@ -18,7 +19,17 @@ from otguard.io import atomic_write_bytes
 from otguard.report.tables import ResultsLike, Stat, as_results, format_stat, has, metric, stat
 from otguard.results import RunResults
 
-__all__ = ["plot_detector", "plot_flag_rates", "plot_tradeoff", "tradeoff_metrics"]
+__all__ = [
+    "REPAIR_PAIRS",
+    "plot_detector",
+    "plot_flag_rates",
+    "plot_repair_harm",
+    "plot_tradeoff",
+    "tradeoff_metrics",
+]
+
+#: (panel title, repair metric, harm metric) of the repair/harm plot.
+REPAIR_PAIRS = (("Judged answers", "repair_rate", "harm_rate"), ("MC1", "mc1_repair_rate", "mc1_harm_rate"))
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -259,4 +270,52 @@ def plot_flag_rates(results: ResultsLike, path: str | os.PathLike[str]) -> Path 
         if spec.unit == "%":
             ax.set_ylim(0, max(100.0, max(means) * 1.15) if means else 100.0)
         ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_repair_harm(results: ResultsLike, path: str | os.PathLike[str]) -> Path | None:
+    """Repaired vs. harmed shares per method (judged answers, and MC1), error bars the 95 % paired
+    bootstrap intervals; None (nothing written) when no method has them.
+
+    The unsteered model's false answers a policy fixes and its true answers it breaks, side by side: a
+    policy whose harm bar matches its repair bar changes answers without helping.
+    """
+    res = as_results(results)
+    panels = [(title, r, h) for title, r, h in REPAIR_PAIRS if has(res, r) or has(res, h)]
+    if not panels:
+        return None
+    fig = _new_figure(5.2 * len(panels) + 0.4, 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, repair_id, harm_id) in zip(axes, panels, strict=True):
+        names = [
+            m
+            for m in res.method_ids
+            if stat(res, m, repair_id) is not None or stat(res, m, harm_id) is not None
+        ]
+        width = 0.38
+        for k, (metric_id, label, color) in enumerate(
+            ((repair_id, "repaired", "#2e7d32"), (harm_id, "harmed", "#c62828"))
+        ):
+            means, lows, highs = [], [], []
+            for method in names:
+                summary = res.summary(method, metric_id)
+                mean = summary.mean if summary is not None and summary.mean is not None else math.nan
+                means.append(100.0 * mean)
+                delta = summary.delta_vs_none if summary is not None else None
+                lo, hi = delta.ci95 if delta is not None else (None, None)
+                lows.append(100.0 * (mean - lo) if lo is not None and math.isfinite(mean) else 0.0)
+                highs.append(100.0 * (hi - mean) if hi is not None and math.isfinite(mean) else 0.0)
+            xs = [i + (k - 0.5) * width for i in range(len(names))]
+            bars = ax.bar(
+                xs, means, width, yerr=[lows, highs], capsize=3, color=color, alpha=0.85, label=label
+            )
+            ax.bar_label(
+                bars, labels=[f"{m:.1f}" if math.isfinite(m) else "" for m in means], padding=2, fontsize=7
+            )
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(f"{title}: repaired vs. harmed")
+        ax.set_ylabel("% of the unsteered model's false (repaired) / true (harmed) answers")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
     return _save_figure(fig, path)

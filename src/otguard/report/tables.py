@@ -5,9 +5,12 @@ rendering of the tables live in :mod:`otguard.report.render`, so this module has
 the ``**`` of :func:`results_table` (its documented plain-text form).
 
 Formatting rules: a cell is ``mean ± std`` over the cross-validation folds (the std is left out when
-there is one fold); fractions are shown as percentages with one decimal when the metric's unit is
+there is one fold; :func:`std_note` says whether it is the sample or the population std); fractions
+are shown as percentages with one decimal when the metric's unit is
 ``"%"`` (the default for the groups mc / generation / transfer / detector); the best mean of a column is
 bold when the metric says which direction is better; a metric a method does not have is shown as "–".
+:func:`delta_table` gives each method's difference to the unsteered model with its 95 % paired
+bootstrap interval, a star marking the intervals that exclude 0; percentages differ in points (pp).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from otguard.results import MetricSummary, RunResults
+from otguard.results import Delta, MetricSummary, RunResults
 
 __all__ = [
     "GROUP_TITLES",
@@ -27,12 +30,15 @@ __all__ = [
     "Stat",
     "ResultsLike",
     "as_results",
+    "delta_table",
+    "format_delta",
     "format_stat",
     "has",
     "metric",
     "metrics",
     "results_table",
     "stat",
+    "std_note",
     "table",
 ]
 
@@ -47,11 +53,15 @@ GROUP_TITLES: dict[str, str] = {
     "transfer": "Transfer to other data",
     "toxicity": "Toxicity of sampled continuations",
     "fluency": "Fluency and diversity of the continuations",
+    "repair": "Repaired and harmed answers (against the unsteered answer to the same question)",
     "side-effects": "Side effects on natural text",
+    "gate": "The gate at the point of use (reference answers in the generation prompt)",
     "detector": "Detector and edits",
     "other": "Other metrics",
 }
-_PERCENT_GROUPS = frozenset({"mc", "generation", "transfer", "detector"})
+_PERCENT_GROUPS = frozenset({"mc", "generation", "transfer", "detector", "repair", "gate"})
+#: The unsteered model: differences are taken to it and it has no row in a difference table.
+BASELINE = "none"
 # Metrics that are never fractions: their unit defaults by id, so a results file that leaves out
 # "unit" does not show 48 edited heads as "4800.0 %".
 _UNIT_BY_ID: dict[str, str] = {"ce": "nats", "kl": "nats", "edited_heads": ""}
@@ -76,7 +86,13 @@ class Metric:
 
     @property
     def heading(self) -> str:
-        return f"{self.label} ({self.unit})" if self.unit else self.label
+        """``"MC1 (%)"``; a label that already ends in brackets takes the unit inside them:
+        ``"True (learned judge, %)"``."""
+        if not self.unit:
+            return self.label
+        if self.label.endswith(")") and "(" in self.label:
+            return f"{self.label[:-1]}, {self.unit})"
+        return f"{self.label} ({self.unit})"
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,66 @@ def table(results: RunResults, group: str | None = None) -> tuple[list[str], lis
                 and math.isclose(value.mean, best, rel_tol=1e-9, abs_tol=1e-12)
             )
             row.append(Cell(format_stat(value, column.unit), bold))
+    return header, rows
+
+
+def std_note(results: RunResults) -> str:
+    """Which standard deviation the cells print (the file records it; old files hold the population one)."""
+    if results.std_ddof == 1:
+        return "sample standard deviation (ddof = 1) across the folds"
+    return "population standard deviation (ddof = 0, half the range with two folds) across the folds"
+
+
+def _signed(value: float, d: int | None) -> str:
+    if d is None:
+        return f"{value:+.2e}"
+    return f"{value:+.{d}f}"
+
+
+def format_delta(delta: Delta, unit: str) -> str:
+    """``+3.2 [+1.0, +5.4]*`` (pp for percentages; the star: the interval excludes 0); "–" without value."""
+    if delta.mean is None or not math.isfinite(delta.mean):
+        return MISSING
+    scale = 100.0 if unit == "%" else 1.0
+    d = _decimals(delta.mean, None, unit if unit != "" else "x")
+    text = _signed(delta.mean * scale, d)
+    lo, hi = delta.ci95
+    if lo is not None and hi is not None:
+        text += f" [{_signed(lo * scale, d)}, {_signed(hi * scale, d)}]"
+        if delta.excludes_zero:
+            text += "*"
+    return text
+
+
+def delta_table(results: RunResults, group: str | None = None) -> tuple[list[str], list[list[Cell]]]:
+    """Header and rows of each method's difference to ``none`` (metrics of ``group`` with a difference);
+    empty when no method has one. Bold: intervals that exclude 0."""
+    methods = [m for m in results.method_ids if m != BASELINE]
+    columns = [
+        m
+        for m in metrics(results)
+        if (group is None or m.group == group)
+        and any(
+            (s := results.summary(meth, m.id)) is not None and s.delta_vs_none is not None for meth in methods
+        )
+    ]
+    if not columns:
+        return [], []
+    unit = {"%": "pp"}
+    header = ["Method"] + [
+        Metric(m.id, m.label, m.higher_is_better, m.group, unit.get(m.unit, m.unit)).heading for m in columns
+    ]
+    rows: list[list[Cell]] = []
+    for method in methods:
+        row = [Cell(method)]
+        for column in columns:
+            summary = results.summary(method, column.id)
+            delta = summary.delta_vs_none if summary is not None else None
+            if delta is None:
+                row.append(Cell(MISSING))
+            else:
+                row.append(Cell(format_delta(delta, column.unit), delta.excludes_zero))
+        rows.append(row)
     return header, rows
 
 
