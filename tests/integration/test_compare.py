@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from otguard import cli
+from otguard.cli import runtime
 from otguard.data import group_kfold, truthfulqa_items, truthfulqa_mc2
 from otguard.errors import OtguardError
 from otguard.harness import CompareConfig, rescore_toxicity, run_compare
@@ -300,7 +301,7 @@ def test_an_llm_judge_that_is_down_fails_before_the_model_loads(data_dir, server
     def no_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(runtime, "load", no_model)
     server.default = lambda body: (401, {}, {"error": {"message": "bad key"}})
     argv = ["compare", "--data-dir", str(data_dir), "--limit", "4", "--judge", "openai", "--judge-model", "j",
             "--judge-base-url", server.url, "--out", str(tmp_path / "out")]  # fmt: skip

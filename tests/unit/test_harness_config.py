@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from otguard import cli
+from otguard.cli import compare as cli_compare
+from otguard.cli import runtime
 from otguard.errors import ConfigError, OtguardError
 from otguard.harness.config import CompareConfig, default, method_ids
 from otguard.harness.truthfulqa import TruthfulQATask
@@ -105,7 +107,7 @@ def test_record_and_key() -> None:
 
 def test_cli_defaults_come_from_the_dataclass() -> None:
     args = cli.build_parser().parse_args(["compare", "--out", "x"])
-    config = cli._compare_config(args)
+    config = cli_compare._compare_config(args)
     fresh = CompareConfig()
     for f in dataclasses.fields(CompareConfig):
         if f.name in ("data_dir", "method_params", "judge_options"):
@@ -120,7 +122,7 @@ def test_cli_epochs_go_only_to_methods_that_train_probes() -> None:
     args = cli.build_parser().parse_args(
         ["compare", "--out", "x", "--methods", "none,iti,slim", "--epochs", "3"]
     )
-    assert cli._compare_config(args).method_params == {"iti": {"epochs": 3}, "slim": {"epochs": 3}}
+    assert cli_compare._compare_config(args).method_params == {"iti": {"epochs": 3}, "slim": {"epochs": 3}}
 
 
 def test_cli_unknown_method_fails_before_the_model_and_leaves_no_folder(
@@ -129,7 +131,7 @@ def test_cli_unknown_method_fails_before_the_model_and_leaves_no_folder(
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(runtime, "load", no_model)
     monkeypatch.setattr(TruthfulQATask, "__init__", no_model)  # nor the data
     out = tmp_path / "out"
     rc = cli.main(["compare", "--methods", "none,foo", "--out", str(out)])
@@ -161,7 +163,7 @@ def test_cli_refuses_a_foreign_out_folder_before_the_model(tmp_path, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(runtime, "load", no_model)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -185,14 +187,14 @@ def test_transfer_takes_nqopen_and_csv_files(tmp_path) -> None:
     argv = ["compare", "--out", "x", "--transfer", "nqopen", "--transfer", str(csv), "--bootstrap", "1000",
             "--no-gate"]  # fmt: skip
     args = cli.build_parser().parse_args(argv)
-    built = cli._compare_config(args)
+    built = cli_compare._compare_config(args)
     assert (built.transfer, built.bootstrap, built.gate) == (("nqopen", str(csv)), 1000, False)
     plain = cli.build_parser().parse_args(["compare", "--out", "x"])
-    assert cli._compare_config(plain).transfer == ("nqopen",)
+    assert cli_compare._compare_config(plain).transfer == ("nqopen",)
     none = cli.build_parser().parse_args(["compare", "--out", "x", "--transfer", "none"])
-    assert cli._compare_config(none).transfer == ()
+    assert cli_compare._compare_config(none).transfer == ()
     zero = cli.build_parser().parse_args(["compare", "--out", "x", "--transfer-questions", "0"])
-    assert cli._compare_config(zero).transfer == ()
+    assert cli_compare._compare_config(zero).transfer == ()
 
 
 def test_the_learned_judge_is_refused_cleanly_where_it_is_missing(monkeypatch) -> None:
