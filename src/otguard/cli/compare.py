@@ -50,7 +50,7 @@ def _add_compare(sub: Any) -> None:
         "--judge-base-url", default=None, help="OpenAI-compatible server (or $OTGUARD_JUDGE_BASE_URL)"
     )
     p.add_argument("--judge-model", default=None, help="truth judge model (or $OTGUARD_JUDGE_MODEL)")
-    p.add_argument("--judge-info-model", default=None, help="info judge model (or $OTGUARD_JUDGEINFO_MODEL)")
+    p.add_argument("--judge-info-model", default=None, help="info judge model (or $OTGUARD_JUDGE_INFO_MODEL)")
     p.add_argument("--embedder", default=default("embedder"), help="sentence embedder (SEM, Stage 3)")
     p.add_argument("--seed", type=int, default=default("seed"))
     p.add_argument("--split-seed", type=int, default=default("split_seed"), help="seed of the fold splits")
