@@ -20,7 +20,7 @@ def add_parsers(sub: Any) -> None:
     _add_compare(sub)
     _add_rescore(sub)
     p = sub.add_parser("report", help="(re)write report.md / report.html from a results.json")
-    from otguard.report import add_arguments  # noqa: I001
+    from otguard.report import add_arguments
 
     add_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true")
