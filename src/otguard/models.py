@@ -42,13 +42,25 @@ def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "otguard"
 
 
-def _cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), read on Linux."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), read on Linux.
+
+    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when None): the instruction names are whole
+    words of its ``flags`` lines, not substrings anywhere in the file.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags" and _BF16_FLAGS & set(value.split()):
+            return True
+    return False
 
 
 def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:

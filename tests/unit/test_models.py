@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -27,9 +25,17 @@ def test_auto_dtype_on_cpu_follows_native_bf16_support(monkeypatch, native: bool
     assert models.auto_dtype("mps") is torch.float32
 
 
-def test_cpu_flag_reader_matches_proc_cpuinfo() -> None:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        pytest.skip("no /proc/cpuinfo")
-    assert models._cpu_has_native_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
+@pytest.mark.parametrize(
+    ("cpuinfo", "native"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", False),
+        # the name elsewhere in the file, or as part of another word, is not the instruction set
+        ("model name\t: Imaginary CPU with avx512_bf16 marketing\nflags\t\t: fpu avx2\n", False),
+        ("flags\t\t: fpu avx512_bf16x\n", False),
+        ("", False),
+    ],
+)
+def test_cpu_flag_reader_reads_whole_flags(cpuinfo: str, native: bool) -> None:
+    assert models._cpu_has_native_bf16(cpuinfo) is native
