@@ -127,9 +127,15 @@ class HeldoutReport:
                 )
         for kind, title in (("repaired", "Repaired"), ("harmed", "Harmed")):
             for ex in self.examples.get(kind, []):
-                lines += ["", f"[{title}] Q: {ex['question']}", f"  without: {ex['none']}",
-                          f"  with:    {ex['policy']}"]  # fmt: skip
+                lines += ["", f"[{title}] Q: {ex['question']}", f"  without: {_one_line(ex['none'])}",
+                          f"  with:    {_one_line(ex['policy'])}"]  # fmt: skip
         return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """An answer on one terminal line (whitespace collapsed, long ones cut with an ellipsis)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _pct(x: float | None) -> str:
