@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from otguard.report import results_table, write_report
+from otguard.report.tables import MISSING
 from otguard.results import RunResults
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results_small.json"
@@ -123,7 +124,11 @@ def test_every_table_rendered_with_the_report_cells(loaded: dict[str, Any]) -> N
         "r => Array.from(r.cells).map(c => c.innerText.trim())))"
     )
     base = RunResults.from_json(FIXTURE)
-    expected = [[[cell.replace("**", "") for cell in row] for row in results_table(base, g)] for g in GROUPS]
+    expected = []
+    for group in GROUPS:
+        header, *rows = [[cell.replace("**", "") for cell in row] for row in results_table(base, group)]
+        # the report leaves out a method that has none of a group's metrics (e.g. no transfer figures)
+        expected.append([header] + [row for row in rows if any(cell != MISSING for cell in row[1:])])
     assert tables == expected
     # Bold in the browser is exactly the cells the table marks best.
     bold = loaded["page"].evaluate(
