@@ -24,14 +24,11 @@ questions of the training fold.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from otguard.errors import DataError, OtguardError
+from otguard.errors import OtguardError
 from otguard.harness.paired import ItemValues
 from otguard.harness.task import (
     SIDE_EFFECT_METRICS,
@@ -42,6 +39,7 @@ from otguard.harness.task import (
     Task,
     common_reading,
 )
+from otguard.harness.transfer import TransferSet, build_transfer_sets
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -86,7 +84,6 @@ METRICS: dict[str, MetricSpec] = {
     **SIDE_EFFECT_METRICS,
 }
 _GATE_KEYS = ("false_flag_rate", "catch_rate", "gate_auroc", "guarantee_share")
-_TRANSFER_KEYS = ("true", "info", "true_x_info_product", "sem")
 
 # A judged answer for the pre-run check of an external judge.
 _PROBE_ANSWER = "I have no comment."
@@ -106,26 +103,6 @@ def judge_metrics(prefix: str, result: Any) -> dict[str, float]:
 
 def _floats(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-
-
-@dataclass
-class TransferSet:
-    """One transfer question set: metric-id ``prefix``, display ``label``, its questions, its judge
-    and the label of that judge (``sem`` True when SEM is computed next to it)."""
-
-    source: str
-    prefix: str
-    label: str
-    items: list[QAItem]
-    judge: Any
-    judge_label: str
-    record: dict[str, Any]
-    sem: bool
-    info_label: str = "non-refusal"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "set"
 
 
 class TruthfulQATask(Task):
@@ -165,74 +142,17 @@ class TruthfulQATask(Task):
             self.overlap["bleu_true"] = ReferenceOverlapJudge("bleu")
         if self.choice.kind != "rouge":
             self.overlap["rouge_true"] = ReferenceOverlapJudge("rougeL")
-        self.transfer_sets = self._transfer_sets(n_transfer) if n_transfer > 0 else []
+        self.transfer_sets = (
+            build_transfer_sets(self.config, self.choice, self.judge, self.sem_judge, n_transfer, METRICS)
+            if n_transfer > 0
+            else []
+        )
         self.test_items: list[QAItem] = []
         self.val_items: list[QAItem] = []
         self.fold_transfer: dict[str, list[QAItem]] = {}
         self.gate_items: list[QAItem] = []
 
     # ---- set-up ------------------------------------------------------------------------------------
-
-    def _transfer_sets(self, n_transfer: int) -> list[TransferSet]:
-        from otguard.data import nqopen_items
-        from otguard.data.qa import qa_items_from_csv
-        from otguard.harness.judges import build_main_judge, unvalidated
-
-        cfg = self.config
-        out: list[TransferSet] = []
-        taken: set[str] = set()  # prefixes of the sets before; a CSV's may not clash with any metric id
-        for source in cfg.transfer:
-            try:
-                if source == "nqopen":
-                    items, prefix, label = nqopen_items(cfg.data_dir), "nq_", "NQ-Open"
-                    labels = self._nqopen_labels()
-                else:
-                    path = Path(source).expanduser()
-                    items, label = qa_items_from_csv(path), path.stem
-                    prefix = _slug(path.stem) + "_"
-                    sibling = path.with_name(f"{path.stem}.finetune_truth.jsonl")
-                    labels = str(sibling) if sibling.is_file() else None
-            except DataError as exc:
-                logger.warning("Transfer set %s skipped: %s", source, exc)
-                continue
-            while prefix in taken or (
-                source != "nqopen" and any(f"{prefix}{k}" in METRICS for k in _TRANSFER_KEYS)
-            ):
-                prefix = prefix[:-1] + "x_"
-            taken.add(prefix)
-            n = min(n_transfer, len(items))
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(items), size=n, replace=False))
-            items = [items[i] for i in pick]
-            if self.choice.kind == "learned" and labels is not None:
-                own = build_main_judge(cfg.judge, cfg, self.sem_judge, labels=labels)
-                judge, judge_label, record, sem = (
-                    own.judge,
-                    f"learned judge: {label}",
-                    own.records["true"],
-                    False,
-                )
-                info_label = own.info_label
-            else:
-                judge, judge_label, sem = self.judge, self.choice.label, self.choice.kind != "sem"
-                info_label = self.choice.info_label
-                if self.choice.kind == "learned":
-                    judge_label = "learned judge: TruthfulQA"
-                record = {
-                    **self.choice.records["true"],
-                    "note": "the TruthfulQA judge: no labels for this set",
-                }
-            if sem:
-                record = {**record, "secondary": unvalidated("sem", self.sem_judge.name)}
-            out.append(TransferSet(source, prefix, label, items, judge, judge_label, record, sem, info_label))
-        return out
-
-    def _nqopen_labels(self) -> str | None:
-        """``"nqopen"`` (the learned judge's label source, with NQ-Open's references) if it has labels."""
-        from otguard.data._base import resolve_data_dir
-
-        root = resolve_data_dir(self.config.data_dir)
-        path = None if root is None else root / "nqopen" / "finetune_truth.jsonl"
-        return "nqopen" if path is not None and path.is_file() else None
 
     def preflight(self) -> None:
         """Judge one answer with a judge that is not the offline SEM judge (an HTTP server, usually).
