@@ -268,7 +268,7 @@ def test_cli_generate_accepts_hf_policy_offline(tmp_path: Path, capsys: pytest.C
     from transformers import AutoModelForCausalLM
 
     from otguard.cli import main
-    from tests.integration.test_bad_inputs_cli import save_tiny_model
+    from tests.tiny_models import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(folder)
