@@ -20,7 +20,25 @@ Layout (``format_version`` 3)::
                                               "delta_vs_none": {"mean": 0.02, "ci95": [0.0, 0.04],
                                                                 "n": 817, "resamples": 2000}}},
                           "folds": [{"fold": 0, "seconds": 8.1, "policy": {...}, "detector": {...},
-                                     ...task facts of the fold, e.g. "test_questions": 20}]}}}
+                                     ...task facts of the fold, e.g. "test_questions": 20}],
+                          "sweep": [...grid points, optional: see below...]}}}
+
+Hyper-parameter sweeps (optional, format 3): a swept method carries ``sweep``, one entry per grid point::
+
+    {"params": {"head_share": 0.02, "strength": 5.0},
+     "validation": {"mc2": 0.41, "kl": 0.03},            # means over the folds that have the point
+     "test": {"mc2": 0.40, "kl": 0.031, "true": 0.52},   # means over folds; a metric may be null/absent
+     "selected_folds": [0, 1],                           # folds whose validation rule chose this point
+     "within_budget": true,                              # validation KL <= budget in every fold (or null)
+     "folds": [{"fold": 0, "validation": {...}, "test": {...}, "selected": true}, ...]}
+
+and the run carries the rule that chose among them, ``"selection": {"metric": "mc2", "kl_budget": 0.1,
+"kl_on": "validation documents", "frontier_questions": 100, "rule": "<one sentence>", ...}`` (extra keys
+kept). The keys of ``validation`` / ``test`` are metric ids (of the ``metrics`` catalogue, where the
+report takes labels and units from; an id missing there is shown under its own name). A method id may
+carry a variant after ``@`` (``"iti@paper"``: ITI with the paper's defaults), a method entry of its own.
+:func:`merge_sweep` builds a method's ``sweep`` from per-fold entries. Files without these keys (all
+older ones) load unchanged.
 
 Format version 1 (files written before this module; no ``format_version`` key) kept ``started``,
 ``seconds``, ``timings`` and ``versions`` inside ``config`` and had no ``task``; it loads unchanged
@@ -59,6 +77,10 @@ __all__ = [
     "MetricSpec",
     "MetricSummary",
     "RunResults",
+    "Selection",
+    "SweepFold",
+    "SweepPoint",
+    "merge_sweep",
 ]
 
 #: Version of the layout :meth:`RunResults.to_dict` writes; :meth:`RunResults.from_dict` reads 1 to 3.
@@ -72,6 +94,9 @@ _RUN_KEYS = ("started", "seconds", "timings", "versions")
 # Task of a format-1 file, from its config.dataset.
 _V1_TASKS = {"truthfulqa": "truthfulqa", "truthfulqa-mc2": "truthfulqa", "toxigen": "toxicity"}
 _FOLD_KEYS = ("fold", "seconds", "fit_seconds", "policy", "detector")
+_SWEEP_KEYS = ("params", "validation", "test", "selected_folds", "within_budget", "folds")
+_SWEEP_FOLD_KEYS = ("fold", "validation", "test", "selected")
+_SELECTION_KEYS = ("metric", "rule", "kl_budget", "kl_on", "frontier_questions")
 _MAX_SHOWN = 12
 
 
@@ -273,22 +298,152 @@ class FoldRecord:
         )
 
 
+def _values(data: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """Metric values as floats, non-finite ones as None (JSON has no NaN; the report shows "–")."""
+    out: dict[str, float | None] = {}
+    for key, value in (data or {}).items():
+        out[str(key)] = None if value is None else _clean(float(value))
+    return out
+
+
+@dataclass
+class SweepFold:
+    """One grid point on one fold: its validation and test metrics, and whether the fold's rule chose it.
+
+    ``extra``: any other keys of the record (e.g. the fold's ``within_budget``), kept as written.
+    """
+
+    fold: int
+    validation: dict[str, float | None] = field(default_factory=dict)
+    test: dict[str, float | None] = field(default_factory=dict)
+    selected: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fold": self.fold, "validation": dict(self.validation),
+                               "test": dict(self.test), "selected": self.selected}  # fmt: skip
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepFold:
+        return cls(
+            fold=int(data["fold"]),
+            validation=_values(data.get("validation")),
+            test=_values(data.get("test")),
+            selected=bool(data.get("selected", False)),
+            extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _SWEEP_FOLD_KEYS},
+        )
+
+
+@dataclass
+class SweepPoint:
+    """One grid point of a method's sweep: its hyper-parameters and metrics averaged over the folds.
+
+    ``validation`` decided the selection; ``test`` places the point on the trade-off frontier (every grid
+    point has one, not only the chosen ones). ``selected_folds``: the folds whose rule chose this point;
+    ``within_budget``: its validation KL kept the budget in every fold (None: not recorded). ``folds``:
+    the per-fold values behind the means. ``extra``: other keys, kept as written.
+    """
+
+    params: dict[str, Any]
+    validation: dict[str, float | None] = field(default_factory=dict)
+    test: dict[str, float | None] = field(default_factory=dict)
+    selected_folds: list[int] = field(default_factory=list)
+    within_budget: bool | None = None
+    folds: list[SweepFold] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> bool:
+        """Whether some fold's validation rule chose this point."""
+        return bool(self.selected_folds)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "params": copy.deepcopy(self.params),
+            "validation": dict(self.validation),
+            "test": dict(self.test),
+            "selected_folds": list(self.selected_folds),
+            "within_budget": self.within_budget,
+            "folds": [f.to_dict() for f in self.folds],
+        }
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepPoint:
+        within = data.get("within_budget")
+        return cls(
+            params=copy.deepcopy(dict(data["params"])),
+            validation=_values(data.get("validation")),
+            test=_values(data.get("test")),
+            selected_folds=[int(k) for k in data.get("selected_folds") or []],
+            within_budget=None if within is None else bool(within),
+            folds=[SweepFold.from_dict(f) for f in data.get("folds") or []],
+            extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _SWEEP_KEYS},
+        )
+
+
+@dataclass
+class Selection:
+    """The rule that chose each swept method's operating point from its grid, on validation data only.
+
+    ``metric``: the validation metric maximised (a metric id, e.g. "mc2"); ``kl_budget``: the largest
+    validation KL allowed (None: no budget); ``kl_on``: which text that KL is measured on;
+    ``frontier_questions``: the test questions behind the grid points' test metrics; ``rule``: the rule
+    in one sentence, as the report prints it; ``extra``: any other keys, kept as written.
+    """
+
+    metric: str
+    rule: str
+    kl_budget: float | None = None
+    kl_on: str | None = None
+    frontier_questions: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": self.metric, "kl_budget": self.kl_budget, "kl_on": self.kl_on,
+                               "frontier_questions": self.frontier_questions, "rule": self.rule}  # fmt: skip
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+        budget, n = data.get("kl_budget"), data.get("frontier_questions")
+        return cls(
+            metric=str(data["metric"]),
+            rule=str(data["rule"]),
+            kl_budget=None if budget is None else float(budget),
+            kl_on=None if data.get("kl_on") is None else str(data["kl_on"]),
+            frontier_questions=None if n is None else int(n),
+            extra={k: copy.deepcopy(v) for k, v in data.items() if k not in _SELECTION_KEYS},
+        )
+
+
 @dataclass
 class MethodResult:
-    """One method's results: a summary per metric (JSON key ``summary``) and one record per fold."""
+    """One method's results: a summary per metric (JSON key ``summary``), one record per fold and, for a
+    swept method, its grid points (``sweep``; None for a method run at one setting)."""
 
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
     folds: list[FoldRecord] = field(default_factory=list)
+    sweep: list[SweepPoint] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": {k: s.to_dict() for k, s in self.metrics.items()},
-                "folds": [f.to_dict() for f in self.folds]}  # fmt: skip
+        out: dict[str, Any] = {"summary": {k: s.to_dict() for k, s in self.metrics.items()},
+                               "folds": [f.to_dict() for f in self.folds]}  # fmt: skip
+        if self.sweep is not None:
+            out["sweep"] = [p.to_dict() for p in self.sweep]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodResult:
+        sweep = data.get("sweep")
         return cls(
             metrics={str(k): MetricSummary.from_dict(v) for k, v in data["summary"].items()},
             folds=[FoldRecord.from_dict(f, k) for k, f in enumerate(data.get("folds") or [])],
+            sweep=None if sweep is None else [SweepPoint.from_dict(p) for p in sweep],
         )
 
 
@@ -304,6 +459,7 @@ class RunResults:
     validation figures where it has them (``"validated": false`` where it has none); ``std_ddof`` says
     which standard deviation the summaries hold (1: sample, 0: population). ``examples``: per method,
     a few items of each kind ("repaired", "harmed": question, unsteered and steered answer).
+    ``selection``: the validation rule that chose the swept methods' grid points (None: no sweep).
     """
 
     config: dict[str, Any]
@@ -316,6 +472,7 @@ class RunResults:
     versions: dict[str, str] = field(default_factory=dict)
     judges: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    selection: Selection | None = None
     std_ddof: int = STD_DDOF
     format_version: int = FORMAT_VERSION
 
@@ -331,6 +488,11 @@ class RunResults:
         """A method's summary of one metric, or None when the method does not have it."""
         entry = self.methods.get(method)
         return entry.metrics.get(metric) if entry is not None else None
+
+    @property
+    def swept_methods(self) -> list[str]:
+        """Methods (in :attr:`method_ids` order) that carry a non-empty sweep."""
+        return [m for m in self.method_ids if m in self.methods and self.methods[m].sweep]
 
     def n_folds(self, summary: MetricSummary) -> int:
         """Folds behind a summary: its per-fold values, else the configuration's fold count (else 1)."""
@@ -356,6 +518,7 @@ class RunResults:
             "examples": copy.deepcopy(self.examples),
             "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
             "methods": {k: m.to_dict() for k, m in self.methods.items()},
+            **({} if self.selection is None else {"selection": self.selection.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -392,6 +555,7 @@ class RunResults:
             versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
             judges=copy.deepcopy(dict(data.get("judges") or {})),
             examples=copy.deepcopy(dict(data.get("examples") or {})),
+            selection=None if data.get("selection") is None else Selection.from_dict(data["selection"]),
             std_ddof=int(data.get("std_ddof", _OLD_STD_DDOF)),
         )
 
@@ -551,6 +715,93 @@ def _check_summary(summary: Any, where: str, problems: list[str]) -> None:
                 problems.append(f"{at}.delta_vs_none must be {{mean, ci95: [lo, hi]}} of numbers")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_values(values: Any, at: str, problems: list[str], *, required: bool = True) -> None:
+    """Metric values of a sweep point: an object of metric id -> number or null."""
+    if values is None:
+        if required:
+            problems.append(f"missing key {at}")
+        return
+    if not isinstance(values, dict):
+        problems.append(f"{at} must be an object of metric values")
+        return
+    for key, value in values.items():
+        if not _is_number_or_none(value):
+            problems.append(f"{at}.{key} must be a number or null")
+
+
+def _check_sweep(sweep: Any, where: str, problems: list[str]) -> None:
+    """A method's grid points feed the frontier plot and tables; a malformed one fails at load."""
+    if sweep is None:
+        return
+    if not isinstance(sweep, list):
+        problems.append(f"{where}.sweep must be a list of grid points")
+        return
+    seen: list[Any] = []
+    for i, point in enumerate(sweep):
+        at = f"{where}.sweep[{i}]"
+        if not isinstance(point, dict):
+            problems.append(f"{at} must be an object")
+            continue
+        params = point.get("params")
+        if params is None:
+            problems.append(f"missing key {at}.params")
+        elif not isinstance(params, dict):
+            problems.append(f"{at}.params must be an object")
+        elif params in seen:
+            problems.append(f"{at}.params repeats {where}.sweep[{seen.index(params)}].params")
+        seen.append(params)
+        _check_values(point.get("validation"), f"{at}.validation", problems)
+        _check_values(point.get("test"), f"{at}.test", problems)
+        chosen = point.get("selected_folds")
+        if chosen is not None and not (isinstance(chosen, list) and all(map(_is_int, chosen))):
+            problems.append(f"{at}.selected_folds must be a list of fold numbers")
+        if point.get("within_budget") not in (True, False, None):
+            problems.append(f"{at}.within_budget must be true, false or null")
+        folds = point.get("folds")
+        if folds is None:
+            continue
+        if not isinstance(folds, list):
+            problems.append(f"{at}.folds must be a list")
+            continue
+        for k, fold in enumerate(folds):
+            fat = f"{at}.folds[{k}]"
+            if not isinstance(fold, dict):
+                problems.append(f"{fat} must be an object")
+                continue
+            if "fold" not in fold:
+                problems.append(f"missing key {fat}.fold")
+            elif not _is_int(fold["fold"]):
+                problems.append(f"{fat}.fold must be an integer")
+            _check_values(fold.get("validation"), f"{fat}.validation", problems, required=False)
+            _check_values(fold.get("test"), f"{fat}.test", problems, required=False)
+            if fold.get("selected") not in (True, False, None):
+                problems.append(f"{fat}.selected must be true or false")
+
+
+def _check_selection(selection: Any, problems: list[str]) -> None:
+    if selection is None:
+        return
+    if not isinstance(selection, dict):
+        problems.append("selection must be an object or null")
+        return
+    for key in ("metric", "rule"):
+        if key not in selection:
+            problems.append(f"missing key selection.{key}")
+        elif not isinstance(selection[key], str):
+            problems.append(f"selection.{key} must be a string")
+    if not _is_number_or_none(selection.get("kl_budget")):
+        problems.append("selection.kl_budget must be a number or null")
+    if not (selection.get("kl_on") is None or isinstance(selection["kl_on"], str)):
+        problems.append("selection.kl_on must be a string or null")
+    n = selection.get("frontier_questions")
+    if not (n is None or _is_int(n)):
+        problems.append("selection.frontier_questions must be an integer or null")
+
+
 def _check_methods(methods: Any, problems: list[str]) -> None:
     if not isinstance(methods, dict):
         problems.append("methods must be an object")
@@ -561,6 +812,7 @@ def _check_methods(methods: Any, problems: list[str]) -> None:
             problems.append(f"{where} must be an object")
             continue
         _check_summary(entry.get("summary"), where, problems)
+        _check_sweep(entry.get("sweep"), where, problems)
         folds = entry.get("folds", [])
         if folds is None:
             continue
@@ -619,4 +871,80 @@ def _problems(data: Any) -> list[str]:
                     problems.append(f"metrics.{name}.higher_is_better must be true, false or null")
     if "methods" in data:
         _check_methods(data["methods"], problems)
+    _check_selection(data.get("selection"), problems)
     return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_values(records: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    """Per metric, the mean of the finite values over the records (None where no record has one)."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    out: dict[str, float | None] = {}
+    for key in keys:
+        finite = [float(v) for r in records if (v := r.get(key)) is not None and math.isfinite(v)]
+        out[key] = sum(finite) / len(finite) if finite else None
+    return out
+
+
+def merge_sweep(
+    per_fold: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    kl_budget: float | None = None,
+    fold_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """A method's ``sweep`` (the JSON layout; :meth:`SweepPoint.from_dict` types it) from per-fold entries.
+
+    ``per_fold[k]`` lists fold k's grid points, each ``{"params": {...}, "validation": {...}, "test":
+    {...}, "selected": bool}`` with optionally ``"within_budget"`` and ``"fold"`` (default
+    ``fold_ids[k]``, else k); other keys are kept in the point's per-fold record. Points are matched
+    across folds by equal ``params`` and listed in order of first appearance. ``validation`` and ``test``
+    are per metric the mean over the folds that have a finite value (None where none has; a point
+    missing from a fold is averaged over the folds that have it). ``within_budget`` is true when every
+    fold's flag is (a fold without the flag takes ``validation.kl <= kl_budget`` when both are known),
+    false when one is false, else None. A fold listing the same params twice is a ``ValueError``.
+    """
+    if fold_ids is not None and len(fold_ids) != len(per_fold):
+        raise ValueError(f"fold_ids has {len(fold_ids)} entries for {len(per_fold)} folds")
+    points: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for k, entries in enumerate(per_fold):
+        seen: list[dict[str, Any]] = []
+        for entry in entries:
+            params = dict(entry["params"])
+            fold = int(entry.get("fold", fold_ids[k] if fold_ids is not None else k))
+            if params in seen:
+                raise ValueError(f"fold {fold} lists the grid point {params} twice")
+            seen.append(params)
+            validation, test = _values(entry.get("validation")), _values(entry.get("test"))
+            record: dict[str, Any] = {"fold": fold, "validation": validation, "test": test,
+                                      "selected": bool(entry.get("selected", False))}  # fmt: skip
+            within = entry.get("within_budget")
+            if within is None and kl_budget is not None and validation.get("kl") is not None:
+                within = float(validation["kl"] or 0.0) <= kl_budget
+            if within is not None:
+                record["within_budget"] = bool(within)
+            kept = (*_SWEEP_FOLD_KEYS, "params", "within_budget")
+            record.update({key: copy.deepcopy(v) for key, v in entry.items() if key not in kept})
+            match = next((recs for p, recs in points if p == params), None)
+            if match is None:
+                points.append((copy.deepcopy(params), [record]))
+            else:
+                match.append(record)
+    out = []
+    for params, records in points:
+        flags = [r.get("within_budget") for r in records]
+        within_all = False if False in flags else (True if flags and all(flags) else None)
+        out.append(
+            {
+                "params": params,
+                "validation": _mean_values([r["validation"] for r in records]),
+                "test": _mean_values([r["test"] for r in records]),
+                "selected_folds": [r["fold"] for r in records if r["selected"]],
+                "within_budget": within_all,
+                "folds": records,
+            }
+        )
+    return out

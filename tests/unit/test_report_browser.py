@@ -26,6 +26,7 @@ from otguard.report.tables import MISSING
 from otguard.results import RunResults
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "results_small.json"
+SWEEP_FIXTURE = FIXTURE.parent / "results_sweep.json"  # a run with hyper-parameter sweeps
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
@@ -165,3 +166,57 @@ def test_page_fits_its_width(loaded: dict[str, Any]) -> None:
             "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
         )
         assert sizes[0] == sizes[1], f"the page is {sizes[0]} px wide in a {sizes[1]} px window"
+
+
+# --------------------------------------------------------------------------------------------------
+# A run with hyper-parameter sweeps: the frontier plot and the sweep tables in the browser
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_page(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    out = tmp_path_factory.mktemp("browser-sweep")
+    write_report(SWEEP_FIXTURE, out)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+    page = context.new_page()
+    page.goto((out / "report.html").as_uri(), wait_until="load")
+    try:
+        yield page, out
+    finally:
+        context.close()
+
+
+def test_sweep_report_shows_the_frontier_and_the_sweep_tables(sweep_page: tuple[Any, Path]) -> None:
+    from otguard.report import pareto_table, sweep_table
+
+    page, out = sweep_page
+    images = page.evaluate(
+        "() => Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,"
+        " w: i.naturalWidth, h: i.naturalHeight}))"
+    )
+    frontier = [i for i in images if i["alt"] == "Test truthfulness versus test KL for every grid point"]
+    assert len(frontier) == 1 and frontier[0]["complete"]
+    assert (frontier[0]["w"], frontier[0]["h"]) == _png_size(out / "frontier.png")
+    # Each h3's first table, as the browser shows it, against the report's own cells.
+    shown = dict(
+        page.evaluate(
+            "() => Array.from(document.querySelectorAll('h3')).map(h => { let e = h.nextElementSibling;"
+            " while (e && e.tagName !== 'H3' && !e.querySelector('table')) e = e.nextElementSibling;"
+            " const t = e && e.tagName !== 'H3' ? e.querySelector('table') : null;"
+            " return [h.innerText, t ? Array.from(t.rows).map(r => Array.from(r.cells).map("
+            "c => c.innerText.trim())) : null]; })"
+        )
+    )
+    res = RunResults.from_json(SWEEP_FIXTURE)
+    for title, (header, rows) in (
+        ("Pareto points: test MC2 vs. test KL", pareto_table(res, "mc2", "kl")),
+        ("Pareto points: test True vs. test KL", pareto_table(res, "true", "kl")),
+        ("Grid of iti", sweep_table(res, "iti")),
+        ("Grid of slim", sweep_table(res, "slim")),
+    ):
+        assert shown[title] == [header] + [[c.text for c in row] for row in rows], title
+    page.set_viewport_size({"width": 480, "height": 900})
+    sizes = page.evaluate(
+        "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert sizes[0] == sizes[1]

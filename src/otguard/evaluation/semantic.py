@@ -21,6 +21,7 @@ import torch
 
 from otguard.data.qa import QAItem
 from otguard.errors import ModelLoadError
+from otguard.evaluation.degeneracy import degenerate_mask
 from otguard.evaluation.verdicts import JudgeResult, check_answers, correct_references, refusal_informative
 
 DEFAULT_EMBEDDER = "minilm"
@@ -134,17 +135,26 @@ class SemJudge:
     (:func:`~otguard.evaluation.verdicts.is_uninformative`). Refusals are scored like any other text
     (the paper has no special case), so their truth verdict is arbitrary; report
     :func:`~otguard.evaluation.verdicts.no_comment_rate` alongside.
+
+    ``degeneracy_guard`` (default on; a few microseconds per answer, no model): an answer that
+    :func:`~otguard.evaluation.degeneracy.is_degenerate` flags (a repetition loop, character garbage)
+    is neither true nor informative whatever its ``Q`` -- a loop of a few reference words can sit
+    closer to the correct references than to the incorrect ones. The scores stay the margins; the
+    verdicts' ``degenerate`` says which answers the guard overruled. ``degeneracy_guard=False`` is the
+    paper's rule unchanged.
     """
 
-    def __init__(self, embedder: Embedder, *, name: str | None = None) -> None:
+    def __init__(self, embedder: Embedder, *, name: str | None = None, degeneracy_guard: bool = True) -> None:
         self.embedder = embedder
         label = getattr(embedder, "name_or_path", None) or type(embedder).__name__
         self.name = name or f"sem:{label}"
+        self.degeneracy_guard = degeneracy_guard
 
     def judge(self, items: Sequence[QAItem], answers: Sequence[str]) -> JudgeResult:
         check_answers(items, answers)
         if not answers:
-            return JudgeResult(self.name, np.zeros(0, bool), np.zeros(0, bool), np.zeros(0), np.zeros(0))
+            empty, flags = np.zeros(0, bool), (np.zeros(0, bool) if self.degeneracy_guard else None)
+            return JudgeResult(self.name, empty, empty, np.zeros(0), np.zeros(0), flags)
         margins = preference_margin(
             self.embedder,
             list(answers),
@@ -153,4 +163,8 @@ class SemJudge:
         )
         q = margins.detach().cpu().double().numpy()
         info = refusal_informative(answers)
-        return JudgeResult(self.name, q >= 0, info, q, info.astype(np.float64))
+        truthful, degenerate = q >= 0, None
+        if self.degeneracy_guard:
+            degenerate = degenerate_mask(answers)
+            truthful, info = truthful & ~degenerate, info & ~degenerate
+        return JudgeResult(self.name, truthful, info, q, info.astype(np.float64), degenerate)

@@ -75,6 +75,9 @@ class JudgeResult:
             margin ``Q``, overlap max-diff, or probability of "yes" in [0, 1]; NaN where unavailable).
         info_score: ``(n,)`` float behind ``informative`` (probability of "yes" for the LLM judge,
             0/1 for the refusal heuristic), or ``None``.
+        degenerate: ``(n,)`` bool, the answers the judge's degeneracy guard
+            (:mod:`~otguard.evaluation.degeneracy`) declared neither true nor informative whatever their
+            scores, or ``None`` when the judge has no guard (or it is off).
     """
 
     judge: str
@@ -82,6 +85,7 @@ class JudgeResult:
     informative: np.ndarray | None = None
     truth_score: np.ndarray | None = None
     info_score: np.ndarray | None = None
+    degenerate: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         truthful = _bool_vector(self.truthful, "truthful")
@@ -92,6 +96,11 @@ class JudgeResult:
             if informative.shape[0] != n:
                 raise ValueError(f"JudgeResult: {n} truth verdicts but {informative.shape[0]} info verdicts.")
             object.__setattr__(self, "informative", informative)
+        if self.degenerate is not None:
+            degenerate = _bool_vector(self.degenerate, "degenerate")
+            if degenerate.shape[0] != n:
+                raise ValueError(f"JudgeResult: {n} verdicts but {degenerate.shape[0]} degenerate flags.")
+            object.__setattr__(self, "degenerate", degenerate)
         for field in ("truth_score", "info_score"):
             value = getattr(self, field)
             if value is not None:
@@ -110,7 +119,8 @@ class JudgeResult:
         ``true_x_info_product`` (``true * info``: what the RADIANT/SLIM papers call True×Info) and
         ``true_x_info_joint`` (share of answers that are *both* true and informative — the honest
         per-answer rate, docs/method.md §8 item 10). The three info-dependent keys are ``None`` for judges
-        without an informativeness verdict; means of an empty result are NaN.
+        without an informativeness verdict; means of an empty result are NaN. A judge with a degeneracy
+        guard adds ``degenerate_rate`` (share of answers the guard fired on).
         """
         true = _mean(self.truthful)
         out: dict[str, Any] = {
@@ -126,17 +136,20 @@ class JudgeResult:
             out["info"] = info
             out["true_x_info_product"] = true * info
             out["true_x_info_joint"] = _mean(self.truthful & self.informative)
+        if self.degenerate is not None:
+            out["degenerate_rate"] = _mean(self.degenerate)
         return out
 
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-friendly dict per answer (verdicts and scores; NaN scores become ``None``)."""
+        """One JSON-friendly dict per answer (verdicts and scores; NaN scores become ``None``; plus
+        ``degenerate`` when the judge has a degeneracy guard)."""
 
         def num(arr: np.ndarray | None, i: int) -> float | None:
             if arr is None or not math.isfinite(float(arr[i])):
                 return None
             return float(arr[i])
 
-        return [
+        out: list[dict[str, Any]] = [
             {
                 "truthful": bool(self.truthful[i]),
                 "informative": None if self.informative is None else bool(self.informative[i]),
@@ -145,6 +158,10 @@ class JudgeResult:
             }
             for i in range(len(self))
         ]
+        if self.degenerate is not None:
+            for i, row in enumerate(out):
+                row["degenerate"] = bool(self.degenerate[i])
+        return out
 
 
 @runtime_checkable

@@ -8,6 +8,13 @@ judge's cross-fitted runs (``{"name", "model", "labels", "n_train", "train_secon
 :meth:`LearnedJudge.validation`). SEM, BLEU, ROUGE-L and the refusal rule are marked
 ``"validated": false``.
 
+The learned judge and SEM carry a degeneracy guard (:mod:`otguard.evaluation.degeneracy`, on by
+default): an answer that is a repetition loop or character garbage counts as neither true nor
+informative. A learned judge's records say so under ``"degeneracy_guard"`` (``{"on", "rule",
+"human_labels": {"labels", "n", "fired", "fire_rate", "fire_rate_labelled_true", ...}}``, from
+:meth:`LearnedJudge.guard_record`: how often the guard fires on the human-labelled answers the verdict
+was trained on); SEM's note says so.
+
 The learned judges live in :mod:`otguard.evaluation.learned_judge` (built through
 :func:`otguard.evaluation.factory.make_judge` ``("learned", ...)``); this module is the one place the
 harness touches them, so their API is used here only.
@@ -28,7 +35,8 @@ _LEARNED_MODULE = "otguard.evaluation.learned_judge"
 #: Judges without a validation against human labels, described once.
 _UNVALIDATED = {
     "sem": "MiniLM cosine similarity to the correct vs. the incorrect reference answers; not validated "
-    "against human labels here",
+    "against human labels here; degeneracy guard on: repetition loops and character garbage count as "
+    "neither true nor informative (otguard.evaluation.degeneracy)",
     "bleu": "BLEU of the answer against the correct vs. the incorrect references; not validated here",
     "rouge": "ROUGE-L of the answer against the correct vs. the incorrect references; not validated here",
     "refusal": "informative unless empty or a refusal ('I have no comment' and variants); a rule, not "
@@ -79,6 +87,13 @@ def judge_label(kind: str, judge: Any) -> str:
     return name
 
 
+def _guard_record(judge: Any, role: str) -> dict[str, Any] | None:
+    """The degeneracy guard's record of a learned judge's ``truth`` or ``info`` verdict (None if the
+    judge has no guard)."""
+    guard_record = getattr(judge, "guard_record", None)
+    return guard_record(role) if callable(guard_record) else None
+
+
 def _learned_record(judge: Any, role: str) -> dict[str, Any]:
     """Name and held-out validation figures of a learned judge (whatever of them it exposes)."""
     record: dict[str, Any] = {"name": str(getattr(judge, "name", "learned")), "validated": False}
@@ -114,6 +129,10 @@ def build_main_judge(spec: str, config: Any, sem_judge: Any, *, labels: str | No
             records["info"]["name"] = f"{getattr(judge, 'name', 'learned judge')}, info verdict"
         else:
             records["info"] = unvalidated("refusal", "refusal rule")
+        for key, role in (("true", "truth"), ("info", "info")):
+            guard = _guard_record(judge, role)
+            if guard is not None:
+                records[key]["degeneracy_guard"] = guard
         return JudgeChoice(
             judge, kind, "learned judge", "learned judge" if has_info else "non-refusal", records
         )

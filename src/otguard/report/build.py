@@ -6,11 +6,19 @@ import os
 from pathlib import Path
 
 from otguard.io import atomic_write_text
-from otguard.report.document import DETECTOR_PNG, FLAGS_PNG, REPAIR_PNG, TRADEOFF_PNG, report_blocks
+from otguard.report.document import (
+    DETECTOR_PNG,
+    FLAGS_PNG,
+    FRONTIER_PNG,
+    REPAIR_PNG,
+    TRADEOFF_PNG,
+    report_blocks,
+)
 from otguard.report.explain import HowToRead, cells_item, task_view
 from otguard.report.plots import (
     plot_detector,
     plot_flag_rates,
+    plot_frontier,
     plot_repair_harm,
     plot_tradeoff,
     tradeoff_metrics,
@@ -55,6 +63,7 @@ def write_report(
         TRADEOFF_PNG: plot_tradeoff(res, out / TRADEOFF_PNG, x, y),
         FLAGS_PNG: plot_flag_rates(res, out / FLAGS_PNG),
         REPAIR_PNG: plot_repair_harm(res, out / REPAIR_PNG),
+        FRONTIER_PNG: plot_frontier(res, out / FRONTIER_PNG),
     }
     for png, made in plots.items():
         if made is None:

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otguard.report.explain import Items, TaskView
+from otguard.report.frontier import FRONTIER_PANELS, pareto_table, selection_text, sweep_metric, sweep_table
 from otguard.report.tables import (
     GROUP_TITLES,
     MISSING,
     Cell,
     delta_table,
+    method_label,
     metric,
     metrics,
     std_note,
@@ -24,9 +26,18 @@ from otguard.report.tables import (
 )
 from otguard.results import RunResults
 
-__all__ = ["DETECTOR_PNG", "FLAGS_PNG", "REPAIR_PNG", "TRADEOFF_PNG", "Block", "report_blocks"]
+__all__ = [
+    "DETECTOR_PNG",
+    "FLAGS_PNG",
+    "FRONTIER_PNG",
+    "REPAIR_PNG",
+    "TRADEOFF_PNG",
+    "Block",
+    "report_blocks",
+]
 
 DETECTOR_PNG = "detector.png"
+FRONTIER_PNG = "frontier.png"
 TRADEOFF_PNG = "tradeoff.png"
 FLAGS_PNG = "flags.png"
 REPAIR_PNG = "repair.png"
@@ -70,7 +81,7 @@ def _config_items(results: RunResults, source_name: str) -> Items:
     items = [
         ("Model:", str(cfg.get("model", "unknown"))),
         ("Data set:", dataset),
-        ("Methods:", ", ".join(results.method_ids) or "none"),
+        ("Methods:", ", ".join(map(method_label, results.method_ids)) or "none"),
         ("Folds:", str(cfg.get("folds", "unknown"))),
         ("Judge:", str(cfg.get("judge", "unknown"))),
     ]
@@ -78,6 +89,9 @@ def _config_items(results: RunResults, source_name: str) -> Items:
         items.append(("Seed:", str(cfg["seed"])))
     if results.started:
         items.append(("Started:", results.started))
+    selection = selection_text(results)
+    if selection:
+        items.append(("Selection:", selection))
     items.append(("Runtime:", format_seconds(results.seconds)))
     if results.versions:
         items.append(("Versions:", ", ".join(f"{k} {v}" for k, v in results.versions.items())))
@@ -199,12 +213,14 @@ def _example_blocks(results: RunResults) -> list[Block]:
                 blocks.append(
                     Block(
                         "p",
-                        f"{method}, {kind} (judged {_CHANGE[kind]}):",
+                        f"{method_label(method)}, {kind} (judged {_CHANGE[kind]}):",
                     )
                 )
                 blocks.append(
                     Block(
-                        "table", header=("Question", "Unsteered answer", f"{method} answer"), rows=tuple(rows)
+                        "table",
+                        header=("Question", "Unsteered answer", f"{method_label(method)} answer"),
+                        rows=tuple(rows),
                     )
                 )
     if not blocks:
@@ -236,7 +252,7 @@ def _gate_blocks(results: RunResults) -> list[Block]:
 
         rows.append(
             (
-                Cell(method),
+                Cell(method_label(method)),
                 Cell(_pct(avg("false_flag_rate", gates))),
                 Cell(_pct(avg("false_flag_rate", bank))),
                 Cell(_pct(avg("catch_rate", gates))),
@@ -261,6 +277,64 @@ def _gate_blocks(results: RunResults) -> list[Block]:
         ),
         Block("table", header=header, rows=tuple(rows)),
     ]
+
+
+def _sweep_blocks(results: RunResults, plots: Mapping[str, Path | None]) -> list[Block]:
+    """The swept methods: the frontier plot, the Pareto points and each method's grid (none without)."""
+    swept = results.swept_methods
+    if not swept:
+        return []
+    intro = (
+        "Every swept method was fitted at each point of its grid; per fold, one rule chose one point on "
+        "the fold's validation questions and documents only, and every grid point was also scored on the "
+        "test split, which gives each method's trade-off curve."
+    )
+    rule = selection_text(results)
+    blocks = [
+        Block("h2", "Hyper-parameter sweeps"),
+        Block("p", intro + (f" Selection rule: {rule}" if rule else "")),
+    ]
+    blocks.append(Block("h3", "Trade-off frontier"))
+    if plots.get(FRONTIER_PNG) is not None:
+        blocks.append(Block("img", FRONTIER_PNG, alt="Test truthfulness versus test KL for every grid point"))
+        blocks.append(
+            Block(
+                "p",
+                "One curve per swept method through its grid points (sorted by KL); a star marks a point "
+                "chosen on validation in some fold, a hollow marker a point over the KL budget; none is "
+                "the dashed line, the paper-default rows are crosses and other methods run at one setting "
+                "diamonds. Up and to the left is better.",
+            )
+        )
+    else:
+        blocks.append(Block("p", "Skipped: no grid point has both a test MC2 (or True) and a test KL."))
+    for y, x in FRONTIER_PANELS:
+        header, rows = pareto_table(results, y, x)
+        if not header:
+            continue
+        my, mx = sweep_metric(results, y), sweep_metric(results, x)
+        blocks.append(Block("h3", f"Pareto points: test {my.label} vs. test {mx.label}"))
+        blocks.append(
+            Block(
+                "p",
+                f"The grid points of all swept methods that no other grid point beats on both test "
+                f"{my.label} and test {mx.label}, by increasing {mx.label}. Reference rows (none, paper "
+                "defaults) are not grid points and are not in the table.",
+            )
+        )
+        blocks.append(Block("table", header=tuple(header), rows=tuple(tuple(r) for r in rows)))
+    for method in swept:
+        header, rows = sweep_table(results, method)
+        blocks.append(Block("h3", f"Grid of {method_label(method)}"))
+        blocks.append(
+            Block(
+                "p",
+                "Means over the folds; bold parameters: chosen on validation in at least one fold; "
+                "within KL budget: the validation KL kept the budget in every fold.",
+            )
+        )
+        blocks.append(Block("table", header=tuple(header), rows=tuple(tuple(r) for r in rows)))
+    return blocks
 
 
 def _plot_blocks(
@@ -332,6 +406,7 @@ def report_blocks(
         *_judge_blocks(results),
         *_gate_blocks(results),
         *_example_blocks(results),
+        *_sweep_blocks(results, plots),
         *_plot_blocks(results, plots, view, tradeoff),
         Block("h2", "How to read this"),
         Block("ul", items=tuple(how_to_read)),

@@ -1,5 +1,5 @@
-"""The report's plots: detector error per layer, a trade-off scatter, flag rates and edited heads, and
-repaired vs. harmed answers per method.
+"""The report's plots: detector error per layer, a trade-off scatter, flag rates and edited heads,
+repaired vs. harmed answers per method, and the swept methods' trade-off frontiers.
 
 matplotlib is imported inside the functions (importing the report stays cheap) and figures are drawn on
 the non-interactive Agg canvas without touching pyplot's global state. Each plot returns None and writes
@@ -16,13 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from otguard.io import atomic_write_bytes
-from otguard.report.tables import ResultsLike, Stat, as_results, format_stat, has, metric, stat
+from otguard.report.frontier import frontier_panels, frontier_points, sweep_metric
+from otguard.report.tables import (
+    ResultsLike,
+    Stat,
+    as_results,
+    base_method,
+    format_stat,
+    has,
+    method_label,
+    metric,
+    stat,
+)
 from otguard.results import RunResults
 
 __all__ = [
     "REPAIR_PAIRS",
     "plot_detector",
     "plot_flag_rates",
+    "plot_frontier",
     "plot_repair_harm",
     "plot_tradeoff",
     "tradeoff_metrics",
@@ -106,7 +118,7 @@ def plot_detector(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
                 marker="o",
                 markersize=3,
                 lw=1.4,
-                label=f"{method}, fold {fold}" if name == "FPR" else None,
+                label=f"{method_label(method)}, fold {fold}" if name == "FPR" else None,
                 zorder=2 + k * 0.01,
             )
             for layer in chosen:
@@ -208,7 +220,7 @@ def plot_tradeoff(
         stack = sum(1 for p in placed if abs(p[0] - here[0]) < 0.04 and abs(p[1] - here[1]) < 0.04)
         placed.append(here)
         ax.annotate(
-            method,
+            method_label(method),
             (px, py),
             xytext=(6, 6 + 12 * stack),
             textcoords="offset points",
@@ -257,7 +269,14 @@ def plot_flag_rates(results: ResultsLike, path: str | os.PathLike[str]) -> Path 
             names.append(method)
             means.append(scale * s.mean)
             errs.append(scale * s.std if s.n > 1 and s.std is not None and math.isfinite(s.std) else 0.0)
-        bars = ax.bar(names, means, yerr=errs, capsize=4, color=[colors[n] for n in names], alpha=0.9)
+        bars = ax.bar(
+            [method_label(n) for n in names],
+            means,
+            yerr=errs,
+            capsize=4,
+            color=[colors[n] for n in names],
+            alpha=0.9,
+        )
         ax.bar_label(
             bars,
             labels=[format_stat(Stat(m / scale, None, 1), spec.unit) for m in means],
@@ -312,10 +331,142 @@ def plot_repair_harm(results: ResultsLike, path: str | os.PathLike[str]) -> Path
             ax.bar_label(
                 bars, labels=[f"{m:.1f}" if math.isfinite(m) else "" for m in means], padding=2, fontsize=7
             )
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [method_label(n) for n in names])
         ax.set_title(f"{title}: repaired vs. harmed")
         ax.set_ylabel("% of the unsteered model's false (repaired) / true (harmed) answers")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+#: The unsteered model: a horizontal reference line in the frontier plot (its KL is 0 by definition).
+_BASELINE = "none"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | None:
+    """Test truthfulness against test KL for every grid point of every swept method; None (nothing
+    written) when no method has a sweep with both metrics.
+
+    Two panels, test MC2 and (when the sweeps have it) judged True against test KL, one curve per swept
+    method through its grid points sorted by KL; a star marks a point some fold's validation rule
+    chose, a hollow marker a point outside the KL budget. Methods run at one setting are references:
+    ``none`` a dashed line, variant rows (``iti@paper``) and other methods a marker in their method's
+    colour. The x axis turns logarithmic when KL spans decades, so small-KL points stay apart.
+    """
+    res = as_results(results)
+    panels = frontier_panels(res)
+    if not panels:
+        return None
+    from matplotlib.lines import Line2D
+
+    colors = _method_colors(res)
+
+    def color(method: str) -> Any:
+        return colors.get(base_method(method), colors[method])
+
+    swept = res.swept_methods
+    budget = res.selection.kl_budget if res.selection is not None else None
+    fig = _new_figure(5.6 * len(panels) + 0.8, 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (y, x) in zip(axes, panels, strict=True):
+        my, mx = sweep_metric(res, y), sweep_metric(res, x)
+        ky = 100.0 if my.unit == "%" else 1.0
+        kx = 100.0 if mx.unit == "%" else 1.0
+        points = frontier_points(res, y, x)
+        markers: list[tuple[str, float, float]] = []
+        lines: list[tuple[str, float]] = []
+        for method in res.method_ids:
+            if method in swept:
+                continue
+            sy, sx = res.summary(method, y), res.summary(method, x)
+            if sy is None or not _finite(sy.mean):
+                continue
+            if method == _BASELINE or sx is None or not _finite(sx.mean):
+                lines.append((method, ky * float(sy.mean or 0.0)))
+            else:
+                markers.append((method, kx * float(sx.mean or 0.0), ky * float(sy.mean or 0.0)))
+        log_x = _wants_log_axis([kx * p.x for p in points] + [mx_ for _, mx_, _ in markers])
+        if log_x:
+            ax.set_xscale("log")
+        for method in swept:
+            mine = sorted((p for p in points if p.method == method), key=lambda p: p.x)
+            if not mine:
+                continue
+            c = color(method)
+            xs, ys = [kx * p.x for p in mine], [ky * p.y for p in mine]
+            ax.plot(xs, ys, "-", color=c, lw=1.3, zorder=2, label=method_label(method))
+            for p, px, py in zip(mine, xs, ys, strict=True):
+                face = "white" if p.within_budget is False else c
+                ax.plot(
+                    [px],
+                    [py],
+                    marker="o",
+                    markersize=5,
+                    color=c,
+                    markerfacecolor=face,
+                    linestyle="none",
+                    zorder=3,
+                )
+            chosen = [(px, py) for p, px, py in zip(mine, xs, ys, strict=True) if p.selected_folds]
+            if chosen:
+                ax.plot(
+                    [c_[0] for c_ in chosen],
+                    [c_[1] for c_ in chosen],
+                    marker="*",
+                    markersize=15,
+                    color=c,
+                    markeredgecolor="black",
+                    markeredgewidth=0.7,
+                    linestyle="none",
+                    zorder=5,
+                )
+        for method, px, py in markers:
+            ax.plot(
+                [px],
+                [py],
+                marker="X" if "@" in method else "D",
+                markersize=9,
+                color=color(method),
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                linestyle="none",
+                zorder=4,
+                label=method_label(method),
+            )
+        for method, py in lines:
+            ax.axhline(
+                py,
+                color="grey" if method == _BASELINE else color(method),
+                linestyle="--",
+                lw=1.0,
+                zorder=1,
+                label=f"{method_label(method)} (unsteered)" if method == _BASELINE else method_label(method),
+            )
+        if budget is not None and x == "kl" and (budget > 0 or not log_x):
+            ax.axvline(
+                kx * budget, color="black", linestyle=":", lw=1.0, zorder=1, label="KL budget (validation)"
+            )
+        direction = {True: " — higher is better", False: " — lower is better", None: ""}
+        ax.set_xlabel(f"test {mx.heading}{direction[mx.higher_is_better]}")
+        ax.set_ylabel(f"test {my.heading}{direction[my.higher_is_better]}")
+        ax.set_title(f"Test {my.label} vs. test {mx.label}, every grid point")
+        ax.margins(x=0.08, y=0.1)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    for ax in axes[:-1]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    handles += [
+        Line2D([], [], marker="*", markersize=12, color="grey", markeredgecolor="black", linestyle="none"),
+        Line2D([], [], marker="o", markersize=5, color="grey", markerfacecolor="white", linestyle="none"),
+    ]
+    labels += ["chosen on validation (some fold)", "outside the KL budget"]
+    axes[-1].legend(handles, labels, fontsize=7, loc="best", framealpha=0.85)
     return _save_figure(fig, path)

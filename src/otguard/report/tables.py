@@ -30,11 +30,13 @@ __all__ = [
     "Stat",
     "ResultsLike",
     "as_results",
+    "base_method",
     "delta_table",
     "format_delta",
     "format_stat",
     "has",
     "metric",
+    "method_label",
     "metrics",
     "results_table",
     "stat",
@@ -65,6 +67,32 @@ BASELINE = "none"
 # Metrics that are never fractions: their unit defaults by id, so a results file that leaves out
 # "unit" does not show 48 edited heads as "4800.0 %".
 _UNIT_BY_ID: dict[str, str] = {"ce": "nats", "kl": "nats", "edited_heads": ""}
+
+
+#: Method names for the label of a variant row ("iti@paper" -> "ITI (paper defaults)").
+METHOD_NAMES: dict[str, str] = {
+    "iti": "ITI",
+    "mean-shift": "Mean shift",
+    "radiant": "RADIANT",
+    "slim": "SLIM",
+}
+#: What a variant after "@" means, in the report's words.
+VARIANT_NAMES: dict[str, str] = {"paper": "paper defaults"}
+
+
+def method_label(method_id: str) -> str:
+    """How the report names a method: its id, or for a variant id ``"base@variant"`` the method's name
+    and the variant in brackets ("iti@paper" -> "ITI (paper defaults)"), so the extra row reads as the
+    same method at other settings rather than as a method of its own."""
+    base, sep, variant = method_id.partition("@")
+    if not sep:
+        return method_id
+    return f"{METHOD_NAMES.get(base, base)} ({VARIANT_NAMES.get(variant, variant)})"
+
+
+def base_method(method_id: str) -> str:
+    """The method a variant id belongs to ("iti@paper" -> "iti"); an id without a variant itself."""
+    return method_id.partition("@")[0]
 
 
 def as_results(results: ResultsLike) -> RunResults:
@@ -184,7 +212,7 @@ def table(results: RunResults, group: str | None = None) -> tuple[list[str], lis
     if not columns:
         return [], []
     header = ["Method"] + [m.heading for m in columns]
-    rows: list[list[Cell]] = [[Cell(method)] for method in methods]
+    rows: list[list[Cell]] = [[Cell(method_label(method))] for method in methods]
     for column in columns:
         stats = [stat(results, method, column.id) for method in methods]
         means = [s.mean for s in stats if s is not None and s.mean is not None and math.isfinite(s.mean)]
@@ -253,7 +281,7 @@ def delta_table(results: RunResults, group: str | None = None) -> tuple[list[str
     ]
     rows: list[list[Cell]] = []
     for method in methods:
-        row = [Cell(method)]
+        row = [Cell(method_label(method))]
         for column in columns:
             summary = results.summary(method, column.id)
             delta = summary.delta_vs_none if summary is not None else None
