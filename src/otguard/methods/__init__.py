@@ -4,7 +4,9 @@
 
 The registry names each method's class as ``"module:Class"`` and imports it on first use, so that
 the CLI and the run configuration can list and check method ids without importing torch (an unknown
-``--methods`` entry is reported in well under a second).
+``--methods`` entry is reported in well under a second). The sweep helpers of
+:mod:`otguard.methods.grids` (``default_grid``, ``PAPER_PARAMS``, ``parse_variant``) are loaded the
+same way; ``Method.fit_grid`` fits one policy per grid point.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from otguard.activations import ActivationSet
     from otguard.methods.base import Method
     from otguard.methods.baselines import ITI, MeanShift, NoIntervention
+    from otguard.methods.grids import PAPER_PARAMS, default_grid, parse_variant
     from otguard.methods.ot import Radiant, Slim
     from otguard.policy import Policy
 
@@ -100,11 +103,16 @@ _CLASSES = {"Method": "otguard.methods.base:Method", "ITI": _REGISTRY["iti"],
             "Radiant": _REGISTRY["radiant"], "Slim": _REGISTRY["slim"]}  # fmt: skip
 
 
+_GRIDS = ("KAPPA_GRID", "PAPER", "PAPER_PARAMS", "default_grid", "heads_from_share", "parse_variant")
+
+
 def __getattr__(name: str) -> Any:
     if name in _CLASSES:
         return _load(_CLASSES[name])
+    if name in _GRIDS:
+        return _load(f"otguard.methods.grids:{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ITI", "METHODS", "METHOD_IDS", "MeanShift", "Method", "NoIntervention", "Radiant", "Slim",
-           "fit_policy", "get_method"]  # fmt: skip
+__all__ = ["ITI", "METHODS", "METHOD_IDS", "PAPER_PARAMS", "MeanShift", "Method", "NoIntervention", "Radiant",
+           "Slim", "default_grid", "fit_policy", "get_method", "parse_variant"]  # fmt: skip

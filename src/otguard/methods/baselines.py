@@ -2,6 +2,10 @@
 
 They are *always-on* policies (no detector gate, ``threshold=None``) with a pure shift
 ``a <- a + b`` on selected heads, so the evaluation harness treats every method alike.
+
+Grid fits (:meth:`Method.fit_grid`) share what does not depend on the swept parameters: ITI's probes,
+head ranking, directions and standard deviations (``top_k`` / ``head_share`` / ``strength`` only pick
+and scale), mean shift's probes and class-mean differences (``strength`` only scales).
 """
 
 from __future__ import annotations
@@ -12,7 +16,18 @@ from typing import Any
 import torch
 
 from otguard.activations import ActivationSet
-from otguard.methods.base import Method, bank_identity, check_two_classes, head_accuracy, split_xy
+from otguard.errors import ConfigError
+from otguard.methods.base import (
+    Cache,
+    Method,
+    Rows,
+    bank_identity,
+    check_int,
+    check_real,
+    check_two_classes,
+    head_accuracy,
+)
+from otguard.methods.grids import heads_from_share
 from otguard.policy import LayerEdit, Policy
 
 logger = logging.getLogger(__name__)
@@ -51,18 +66,33 @@ class NoIntervention(Method):
         pass
 
     def fit(self, acts: ActivationSet, train_idx: Any = None, val_idx: Any = None) -> NoIntervention:
-        self._policy = Policy(method=self.name, rule="shift", layers=[], model=bank_identity(acts), params={})
+        super().fit(acts, train_idx, val_idx)
         return self
+
+    def _fit_rows(self, rows: Rows, cache: Cache) -> None:
+        self._policy = Policy(
+            method=self.name, rule="shift", layers=[], model=bank_identity(rows.acts), params={}
+        )
+
+
+def _probe_key(method: Any) -> tuple[Any, ...]:
+    """Cache key of :func:`head_accuracy`: every parameter its probes depend on (not ``progress``)."""
+    return ("head-accuracy", method.epochs, method.lr, method.seed, method.device)
 
 
 class ITI(Method):
     """Inference-time intervention (Li et al. 2023): top-K heads by probe accuracy, α·σ mass-mean shift.
 
     Probes are logistic (BCE) per head, trained on the training rows and ranked by validation
-    accuracy over all layers; each of the ``top_k`` chosen heads is shifted by
+    accuracy over all layers; each of the K chosen heads is shifted by
     ``strength * std(a·v) * v`` with ``v`` the unit mass-mean direction from undesirable to desirable
     training activations and ``std`` the population standard deviation (ddof 0, as ITI's ``np.std``)
     of all training activations of that head projected on ``v``.
+
+    K is ``top_k`` (the paper's 48), or, when ``head_share`` is given, that share of all L·H heads,
+    ``max(1, round(head_share * L * H))`` rounded half up: 48 heads are 4.7 % of LLaMA-7B's 1,024 but
+    18 % of SmolLM2-135M's 270, so a share carries the paper's setting across model sizes. The policy's
+    ``meta["top_k"]`` records the K used.
     """
 
     name = "iti"
@@ -71,6 +101,7 @@ class ITI(Method):
         self,
         *,
         top_k: int = 48,
+        head_share: float | None = None,
         strength: float = 15.0,
         epochs: int = 300,
         lr: float = 2e-2,
@@ -79,6 +110,7 @@ class ITI(Method):
         progress: bool = True,
     ) -> None:
         self.top_k = top_k
+        self.head_share = head_share
         self.strength = strength
         self.epochs = epochs
         self.lr = lr
@@ -86,29 +118,46 @@ class ITI(Method):
         self.device = device
         self.progress = progress
 
-    def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> ITI:
-        x_tr, y_tr = split_xy(acts, train_idx, "training")
-        x_va, y_va = split_xy(acts, val_idx, "validation")
+    def check_params(self, acts: ActivationSet) -> None:
+        check_int("ITI", "top_k", self.top_k, low=1, example="48")
+        if self.head_share is not None:
+            check_real("ITI", "head_share", self.head_share, low=0.0, high=1.0, example="0.05; None: top_k")
+        check_real("ITI", "strength", self.strength, example="5.0")
+
+    def n_heads_edited(self, n_layers: int, n_heads: int) -> int:
+        """K, the number of heads shifted on a model with ``n_layers`` x ``n_heads`` heads."""
+        if self.head_share is not None:
+            return heads_from_share(float(self.head_share), n_layers, n_heads)
+        return min(int(self.top_k), n_layers * n_heads)
+
+    def _fit_rows(self, rows: Rows, cache: Cache) -> None:
+        x_tr, y_tr = rows.train
+        x_va, y_va = rows.val
         check_two_classes(y_tr, "training")
-        accuracy = head_accuracy(self, x_tr, y_tr, x_va, y_va)  # (L, H)
+        key = _probe_key(self)
+        if key not in cache:
+            cache[key] = head_accuracy(self, x_tr, y_tr, x_va, y_va)  # (L, H)
+        accuracy = cache[key]
+        if ("iti-direction",) not in cache:
+            direction = _class_direction(x_tr, y_tr)
+            unit = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            # Population std (ddof 0) of the training activations along the direction, as ITI's np.std.
+            sigma = torch.einsum("nlhd,lhd->nlh", x_tr.double(), unit).std(0, correction=0)  # (L, H)
+            cache[("iti-direction",)] = (unit, sigma)
+        unit, sigma = cache[("iti-direction",)]
         L, H = accuracy.shape
-        k = min(int(self.top_k), L * H)
+        k = self.n_heads_edited(L, H)
         top = torch.topk(accuracy.flatten(), k).indices
         mask = torch.zeros(L * H, dtype=torch.bool)
         mask[top] = True
         mask = mask.view(L, H)
-        direction = _class_direction(x_tr, y_tr)
-        unit = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        # Population std (ddof 0) of the training activations along the direction, as ITI's np.std.
-        sigma = torch.einsum("nlhd,lhd->nlh", x_tr.double(), unit).std(0, correction=0)  # (L, H)
         shifts = self.strength * sigma[..., None] * unit
         self._policy = Policy(
-            method=self.name, rule="shift", layers=_shift_edits(shifts, mask), model=bank_identity(acts),
+            method=self.name, rule="shift", layers=_shift_edits(shifts, mask), model=bank_identity(rows.acts),
             params=self.get_params(),
             meta={"heads": [[int(i // H), int(i % H)] for i in top.tolist()],
-                  "val_accuracy": accuracy[mask].tolist()},
+                  "val_accuracy": accuracy[mask].tolist(), "top_k": k},
         )  # fmt: skip
-        return self
 
 
 class MeanShift(Method):
@@ -139,17 +188,31 @@ class MeanShift(Method):
         self.device = device
         self.progress = progress
 
-    def fit(self, acts: ActivationSet, train_idx: Any, val_idx: Any) -> MeanShift:
-        x_tr, y_tr = split_xy(acts, train_idx, "training")
+    def check_params(self, acts: ActivationSet) -> None:
+        check_real("MeanShift", "strength", self.strength, example="1.0")
+        if self.layer is not None:
+            layer = check_int("MeanShift", "layer", self.layer, low=0, example="0, or None to choose it")
+            if layer >= acts.n_layers:
+                raise ConfigError(
+                    f"MeanShift layer must be in 0..{acts.n_layers - 1} (or None to choose it); got {layer}."
+                )
+
+    def _fit_rows(self, rows: Rows, cache: Cache) -> None:
+        acts = rows.acts
+        x_tr, y_tr = rows.train
         check_two_classes(y_tr, "training")
         layer = self.layer
         if layer is None:
-            x_va, y_va = split_xy(acts, val_idx, "validation")
-            layer = int(head_accuracy(self, x_tr, y_tr, x_va, y_va).mean(-1).argmax())
-        if not 0 <= layer < acts.n_layers:
-            raise ValueError(f"layer must be in 0..{acts.n_layers - 1}, got {layer}.")
+            x_va, y_va = rows.val
+            key = _probe_key(self)
+            if key not in cache:
+                cache[key] = head_accuracy(self, x_tr, y_tr, x_va, y_va)
+            layer = int(cache[key].mean(-1).argmax())
+        layer = int(layer)
+        if ("class-direction", layer) not in cache:
+            cache[("class-direction", layer)] = _class_direction(x_tr[:, layer : layer + 1], y_tr)[0]
         shifts = torch.zeros(acts.n_layers, acts.n_heads, acts.head_dim, dtype=torch.float64)
-        shifts[layer] = self.strength * _class_direction(x_tr[:, layer : layer + 1], y_tr)[0]
+        shifts[layer] = self.strength * cache[("class-direction", layer)]
         mask = torch.zeros(acts.n_layers, acts.n_heads, dtype=torch.bool)
         mask[layer] = True
         self._policy = Policy(
@@ -160,4 +223,3 @@ class MeanShift(Method):
             params=self.get_params(),
             meta={"layer": layer},
         )
-        return self

@@ -28,10 +28,11 @@ import torch
 from otguard.errors import UsageError
 from otguard.evaluation.semantic import Embedder, pairwise_similarity, preference_margin
 from otguard.evaluation.truthfulqa_gen import generate_answers
+from otguard.methods.grids import KAPPA_GRID
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KAPPA_GRID = (5.0, 10.0, 20.0, 40.0)
+DEFAULT_KAPPA_GRID = KAPPA_GRID  # the sweep's default SLIM grid too (methods/grids.py)
 _TIE_TOL = 1e-9  # scores are sums of float32 cosines: closer than this is a tie
 
 #: ``generate(questions, kappa)`` -> one answer per question; ``kappa=None`` means without the policy.
