@@ -10,7 +10,8 @@ layers, so for the usual one-layer policy the record is the same in ``"monitor"`
 hook's per-position record (:meth:`otguard.hook.PolicyHandle.records`) gives, at every answer token:
 
 - whether the position is flagged (on at least one hooked layer) and the vote count (summed over
-  hooked layers; the layer's vote count for the usual one-layer policy);
+  hooked layers; the layer's vote count for the usual one-layer policy), and the vote count of each
+  hooked layer (``layer_votes``: what :mod:`otguard.gate_calibration` sets the thresholds on);
 - how many heads are edited and how many of those the head's own probe calls desirable after the
   edit (probe logit of the edited activation < 0) and after the full map ``A a + b``.
 
@@ -76,6 +77,10 @@ class AnswerGate:
     mapped_desirable: torch.Tensor  # (n,) int64: ... after the full map A a + b
     prompt_flagged: bool  # the last prompt token (it gates the first answer token)
     prompt_votes: int
+    # (n, L) int64: votes per hooked layer, in the order of ``layers`` (the policy's layer order); what a
+    # per-layer threshold acts on (otguard.gate_calibration). None when built by hand without them.
+    layer_votes: torch.Tensor | None = None
+    layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -270,6 +275,7 @@ def gate_answers(
     out: list[AnswerGate | None] = [None] * len(rows)
     with policy.attach(model, scope="answer", kappa=kappa, mode=mode, record=True) as handle:
         run = _Forward(model, handle, device, pad)
+        layers = tuple(int(layer) for layer in handle.layers)
         for q, js in by_question.items():
             start = starts[q]
             if start is None:
@@ -282,14 +288,14 @@ def gate_answers(
                 answers = [rows[j][3][start:] for j in chunk]
                 recs, _ = run(answers, start, fork_cache(q_cache, len(chunk)), start)
                 for j, rec in zip(chunk, recs, strict=True):
-                    out[j] = _answer_gate(rows[j], _join(prompt_rec, rec))
+                    out[j] = _answer_gate(rows[j], _join(prompt_rec, rec), layers)
         order = sorted(alone, key=lambda j: -len(rows[j][3]))
         for lo in range(0, len(order), batch_size):
             chunk = order[lo : lo + batch_size]
             first = torch.tensor([rows[j][4] - 1 for j in chunk])
             recs, _ = run([rows[j][3] for j in chunk], 0, None, first)
             for j, rec in zip(chunk, recs, strict=True):
-                out[j] = _answer_gate(rows[j], rec)
+                out[j] = _answer_gate(rows[j], rec, layers)
     return [g for g in out if g is not None]
 
 
@@ -298,7 +304,7 @@ def _join(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, t
     return {key: torch.cat((a[key], b[key])) for key in a}
 
 
-def _answer_gate(row: _Row, rec: dict[str, torch.Tensor]) -> AnswerGate:
+def _answer_gate(row: _Row, rec: dict[str, torch.Tensor], layers: tuple[int, ...] = ()) -> AnswerGate:
     question, answer, false, ids, start = row
     pos = rec["positions"]
     keep = (pos >= start) & (pos < len(ids))
@@ -317,6 +323,8 @@ def _answer_gate(row: _Row, rec: dict[str, torch.Tensor]) -> AnswerGate:
         mapped_desirable=rec["mapped_desirable"].sum(-1)[keep],
         prompt_flagged=bool(rec["flagged"][at_prompt].any()),
         prompt_votes=int(votes[at_prompt].sum()),
+        layer_votes=rec["votes"][keep],
+        layers=layers,
     )
 
 
