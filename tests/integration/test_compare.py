@@ -51,7 +51,7 @@ def docs(tmp_path) -> Path:
 def _quick(data_dir: Path, docs: Path, **changes: Any) -> CompareConfig:
     methods = changes.pop("methods", ("none", "iti", "mean-shift", "radiant", "slim"))
     base = dict(data_dir=str(data_dir), methods=methods, folds=2, limit=10, batch_size=8, judge="sem",
-                max_new_tokens=6, transfer_questions=3, drift_source=str(docs), drift_docs=2,
+                sweep=False, max_new_tokens=6, transfer_questions=3, drift_source=str(docs), drift_docs=2,
                 drift_tokens=16, stage3_questions=2, kappa_grid=(5.0, 20.0),
                 method_params={m: {"epochs": 20} for m in methods if m != "none"})  # fmt: skip
     return CompareConfig(**{**base, **changes})
@@ -159,14 +159,14 @@ def test_fold_test_questions_never_reach_fitting_layer_choice_or_stage3(
 
     def spy_get(name: str, **params: Any) -> Any:
         method = real_get(name, **params)
-        real_fit = method.fit
+        real_fit = method.fit_grid
 
-        def fit(acts: Any, train_idx: Any, val_idx: Any) -> Any:
+        def fit_grid(acts: Any, train_idx: Any, val_idx: Any, grid: Any) -> Any:
             rows = np.concatenate([np.asarray(train_idx), np.asarray(val_idx)])
             seen.append(("fit", sorted(set(np.asarray(acts.groups)[rows].tolist()))))
-            return real_fit(acts, train_idx, val_idx)
+            return real_fit(acts, train_idx, val_idx, grid)
 
-        method.fit = fit  # type: ignore[method-assign]
+        method.fit_grid = fit_grid  # type: ignore[method-assign]
         return method
 
     def spy_select(policy: Any, model: Any, tokenizer: Any, items: Any, *args: Any, **kwargs: Any) -> Any:
@@ -191,6 +191,50 @@ def test_fold_test_questions_never_reach_fitting_layer_choice_or_stage3(
         assert not set(groups) & tested[fold], (kind, fold, groups)
         if kind == "fit":
             assert set(groups) == set(range(10)) - tested[fold]  # all of the rest: train and validation
+
+
+def test_sweeps_choose_on_validation_questions_and_record_every_grid_point(
+    tiny_model, data_dir, tmp_path, monkeypatch
+) -> None:
+    from otguard.harness import truthfulqa_sweep
+    from otguard.harness.sweep import select_point
+
+    model, tok = tiny_model
+    docs = tmp_path / "many.txt"
+    docs.write_text("\n\n".join(f"Document {i} is about the weather in town {i}." for i in range(8)))
+    validated: dict[int, list[str]] = {}
+    real_validate = truthfulqa_sweep.TruthfulQASweeps.validate
+
+    def spy(self: Any, points: Any, metrics: Any) -> Any:
+        assert len(self.sweep_items) == min(3, len(self.val_all))
+        validated[self.fold] = [it.question for it in self.sweep_items]
+        return real_validate(self, points, metrics)
+
+    monkeypatch.setattr(truthfulqa_sweep.TruthfulQASweeps, "validate", spy)
+    grids = {"mean-shift": [{"strength": 0.5}, {"strength": 4.0}], "slim": [{"kappa": 5.0}, {"kappa": 40.0}]}
+    config = _quick(data_dir, docs, methods=("none", "mean-shift", "slim"), transfer_questions=0, sweep=True,
+                    grids=grids, kl_budget=0.5, sweep_docs=4, drift_docs=4, frontier_questions=2,
+                    sweep_questions=3)  # fmt: skip
+    saved = run_compare(model, tok, config, tmp_path / "out", progress=False)
+    tested = {k: {r["question"] for r in _csv(tmp_path / "out" / "answers.csv")
+                  if r["fold"] == str(k) and r["method"] == "none"} for k in range(2)}  # fmt: skip
+    assert set(validated) == {0, 1}
+    for fold in (0, 1):
+        assert validated[fold] and not set(validated[fold]) & tested[fold]  # never a test question
+    assert saved.selection is not None and saved.selection.kl_budget == 0.5
+    for method in ("mean-shift", "slim"):
+        sweep = saved.methods[method].sweep
+        assert sweep is not None and len(sweep) == 2
+        for fold in (0, 1):
+            rows = [next(f for f in p.folds if f.fold == fold) for p in sweep]
+            for r in rows:
+                assert set(r.validation) >= {"mc2", "kl"} and set(r.test) >= {"mc2", "kl", "true"}
+            want, _ = select_point([r.validation for r in rows], "mc2", 0.5)
+            assert [r.selected for r in rows] == [i == want for i in range(2)], (method, fold)
+            chosen = saved.methods[method].folds[fold].meta["grid_point"]
+            assert chosen == sweep[want].params
+            assert rows[want].test["kl"] >= 0.0 and rows[want].test["mc2"] is not None
+    assert "Hyper-parameter sweeps" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_none_mc_figures_equal_a_direct_score_mc_call(tiny_model, data_dir, tmp_path) -> None:

@@ -21,7 +21,8 @@ def test_defaults_are_valid_and_the_methods_are_the_registry() -> None:
     config = CompareConfig()
     assert config.problems() == []
     assert method_ids() == tuple(METHODS)
-    assert set(config.methods) <= set(METHODS)
+    assert {m.partition("@")[0] for m in config.methods} <= set(METHODS)
+    assert "iti@paper" in config.methods  # the published ITI next to the tuned one
 
 
 @pytest.mark.parametrize(
@@ -139,7 +140,7 @@ def test_cli_unknown_method_fails_before_the_model_and_leaves_no_folder(
     assert rc == 2
     assert err.strip() == (
         "otguard: error: Invalid compare configuration: unknown method(s) 'foo'; "
-        "valid methods: none, iti, mean-shift, radiant, slim."
+        "valid methods: none, iti, mean-shift, radiant, slim (NAME@paper: the published settings, unswept)."
     )
     assert not out.exists()
 
@@ -156,7 +157,7 @@ def test_unknown_method_is_reported_without_importing_torch(tmp_path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "unknown method(s) 'foo'; valid methods: none, iti, mean-shift, radiant, slim." in proc.stderr
+    assert "unknown method(s) 'foo'; valid methods: none, iti, mean-shift, radiant, slim (" in proc.stderr
 
 
 def test_cli_refuses_a_foreign_out_folder_before_the_model(tmp_path, monkeypatch, capsys) -> None:
@@ -207,3 +208,28 @@ def test_the_learned_judge_is_refused_cleanly_where_it_is_missing(monkeypatch) -
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ConfigError, match="the learned judge is not available .* use --judge sem"):
         CompareConfig(judge="learned")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"methods": ("none", "none@paper")}, "unknown method(s) 'none@paper'"),
+        ({"methods": ("iti@best",)}, "unknown method(s) 'iti@best'"),
+        ({"select_by": "mc1"}, "select_by must be one of mc2, true, true_x_info; got 'mc1'"),
+        ({"kl_budget": 0.0}, "kl_budget must be a number > 0 (nats per token) or None; got 0.0"),
+        ({"max_false_flag_rate": 1.5}, "max_false_flag_rate must be in (0, 1) or None; got 1.5"),
+        ({"grids": {"slim": [{"kappa": 5}]}, "methods": ("none", "iti")}, "grids names method 'slim'"),
+        ({"grids": {"iti": []}}, "grids['iti'] must be a non-empty list of parameter dicts"),
+        ({"grids": {"iti": [{"alpha": 3}]}}, "the grid of 'iti' names unknown parameter(s) alpha"),
+        ({"frontier_questions": -1}, "frontier_questions must be an integer >= 0; got -1"),
+    ],
+)
+def test_sweep_settings_are_checked(changes, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        CompareConfig(**changes)
+    assert message in str(info.value)
+
+
+def test_variants_take_their_base_methods_parameters() -> None:
+    config = CompareConfig(methods=("none", "iti@paper"), method_params={"iti@paper": {"epochs": 3}})
+    assert config.problems() == []

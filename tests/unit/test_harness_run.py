@@ -200,3 +200,77 @@ def test_a_compare_folder_from_before_the_marker_is_accepted(demo, tmp_path) -> 
         (out / name).write_text("from an earlier otguard")
     run = CompareRun(config, out, progress=False)
     assert run.out == out.resolve() and DemoTask.inits == 1
+
+
+class SweepDemoTask(DemoTask):
+    """DemoTask with sweeps: validation scores from the validation rows, frontier figures from the test
+    rows; ``poison`` replaces the test rows by other texts (the choice must not move)."""
+
+    supports_sweep: ClassVar[bool] = True
+    poison: ClassVar[bool] = False
+    validated: ClassVar[list[list[str]]] = []
+
+    def start_fold(self, fold: int, split: Any) -> None:
+        super().start_fold(fold, split)
+        self.val = [self.dataset.texts[i] for i in split.val]
+        if type(self).poison:
+            self.test = [" ".join(reversed(t.split())) for t in self.test]
+
+    def _mean_logit(self, texts: list[str], policy: Any) -> float:
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        with attached(policy, self.model, scope="all"), torch.no_grad():
+            return float(self.model(**enc).logits[:, -1].float().mean())
+
+    def validate(self, points: dict[str, Any], metrics: dict[str, str]) -> dict[str, dict[str, float]]:
+        type(self).validated.append(list(self.val))
+        return {k: {"mc2": self._mean_logit(self.val, p)} for k, p in points.items()}
+
+    def frontier(self, points: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {k: {"mc2": self._mean_logit(self.test, p)} for k, p in points.items()}
+
+
+@pytest.fixture
+def sweep_demo(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry.TASKS, "demo", f"{__name__}:SweepDemoTask")
+    monkeypatch.setenv("OTGUARD_CACHE", str(tmp_path / "cache"))
+    SweepDemoTask.calls, SweepDemoTask.fail_at, SweepDemoTask.validated = [], None, []
+    SweepDemoTask.poison = False
+    docs = tmp_path / "docs.txt"
+    texts = [f"the text {w} topic{i} is a text" for i in range(6) for w in ("calm", "rude")]
+    docs.write_text("\n\n".join(texts))
+    tok = _tokenizer()
+    model = tiny_lm("llama", len(tok), tok.pad_token_id)
+    grid = [{"strength": s} for s in (0.25, 1.0, 4.0)]
+    config = CompareConfig(dataset="demo", methods=("none", "mean-shift"), folds=2, batch_size=8,
+                           drift_source=str(docs), drift_docs=4, drift_tokens=8, sweep_docs=6,
+                           grids={"mean-shift": grid}, kl_budget=None,
+                           method_params={"mean-shift": {"epochs": 5}})  # fmt: skip
+    return config, model, tok
+
+
+def _choices(res: RunResults) -> list[Any]:
+    return [f.meta.get("grid_point") for f in res.methods["mean-shift"].folds]
+
+
+def test_the_sweep_choice_never_reads_the_test_split(sweep_demo, tmp_path) -> None:
+    config, model, tok = sweep_demo
+    clean = CompareRun(config, tmp_path / "clean", progress=False).run(model, tok)
+    validated_clean = list(SweepDemoTask.validated)
+    SweepDemoTask.poison, SweepDemoTask.validated = True, []
+    poisoned = CompareRun(config, tmp_path / "poisoned", progress=False).run(model, tok)
+    sweep_c, sweep_p = clean.methods["mean-shift"].sweep, poisoned.methods["mean-shift"].sweep
+    assert sweep_c is not None and sweep_p is not None
+    assert [p.params for p in sweep_c] == [{"strength": s, "epochs": 5} for s in (0.25, 1.0, 4.0)]
+    # The same validation rows, scores and choices; different test figures.
+    assert SweepDemoTask.validated == validated_clean and len(validated_clean) == 2
+    assert [p.validation for p in sweep_c] == [p.validation for p in sweep_p]
+    assert _choices(clean) == _choices(poisoned) and None not in _choices(clean)
+    assert [p.test["mc2"] for p in sweep_c] != [p.test["mc2"] for p in sweep_p]
+    # The choice is the best validation score (no budget), fold by fold.
+    for fold in range(2):
+        rows = [next(f for f in p.folds if f.fold == fold) for p in sweep_c]
+        best = max(range(3), key=lambda i: rows[i].validation["mc2"])
+        assert [r.selected for r in rows] == [i == best for i in range(3)]
+    assert clean.selection is not None and clean.selection.kl_budget is None
+    # Validation KL was measured on documents the test KL does not use.
+    assert all(p.validation["kl"] is not None for p in sweep_c)

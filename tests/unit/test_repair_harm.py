@@ -136,16 +136,18 @@ def test_fit_seconds_exclude_stage3(monkeypatch) -> None:
         def set_params(self, **kw: Any) -> Method:
             return self
 
-        def fit(self, *args: Any) -> Method:
-            self.policy_ = Policy()
-            return self
+        def fit_grid(self, acts: Any, train: Any, val: Any, grid: list[dict[str, Any]]) -> list[Policy]:
+            return [Policy() for _ in grid]
 
     class Task:
+        supports_sweep = False
+
         def stage3(self, policy: Any) -> Any:
             return policy
 
     monkeypatch.setattr("otguard.methods.get_method", lambda name: Method())
     monkeypatch.setattr(run.time, "time", lambda: next(clock))
     split = type("S", (), {"train": [], "val": []})()
-    policies = run.fit_policies(CompareConfig(methods=("slim",)), ["slim"], None, split, Task(), False)  # type: ignore[arg-type]
-    assert policies["slim"].meta == {"fit_seconds": 3.0, "stage3_seconds": 8.0}
+    acts = type("A", (), {"n_layers": 2, "n_heads": 2})()
+    fitted = run.fit_policies(CompareConfig(methods=("slim",)), ["slim"], acts, split, Task(), False)  # type: ignore[arg-type]
+    assert fitted["slim"].policy.meta == {"fit_seconds": 3.0, "stage3_seconds": 8.0}

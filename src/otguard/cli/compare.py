@@ -27,7 +27,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None)
 
 
-
 def _add_compare(sub: Any) -> None:
     from otguard.harness.config import default, method_ids
     from otguard.harness.registry import DATASETS
@@ -76,6 +75,72 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--kappa-grid", default=",".join(f"{k:g}" for k in default("kappa_grid")),
                    help="SLIM Stage 3: kappa values to try")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="probe epochs of every method that trains probes")
+    sw = p.add_argument_group("sweeps: every method at its best validated grid point (TruthfulQA)")
+    sw.add_argument(
+        "--no-sweep",
+        dest="sweep",
+        action="store_false",
+        help="run every method at its default settings (no grid, no frontier)",
+    )
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=None,
+        metavar="METHOD:PARAM=V1,V2[:PARAM=...]",
+        help="a method's grid (the product of the axes), e.g. iti:head_share=0.02,0.05:strength=2,5; "
+        "repeat for several methods (default: each method's default grid)",
+    )
+    sw.add_argument(
+        "--param",
+        action="append",
+        default=None,
+        metavar="METHOD:PARAM=VALUE",
+        help="fix a method parameter (every grid point), e.g. radiant:fnr_weight=2.5",
+    )
+    sw.add_argument(
+        "--select-by",
+        default=default("select_by"),
+        choices=("mc2", "true", "true_x_info"),
+        help="validation score of the selection rule (mc2: cheap; true: judged generations)",
+    )
+    sw.add_argument(
+        "--kl-budget",
+        default=str(default("kl_budget")),
+        metavar="NATS|none",
+        help="largest validation KL (nats/token) a chosen grid point may have (none: no budget)",
+    )
+    sw.add_argument(
+        "--sweep-docs",
+        type=int,
+        default=default("sweep_docs"),
+        help="validation documents for the KL of the grid points, in all",
+    )
+    sw.add_argument(
+        "--sweep-questions",
+        type=int,
+        default=default("sweep_questions"),
+        help="validation questions per fold that score the grid points (0: all of them)",
+    )
+    sw.add_argument(
+        "--sweep-tokens",
+        type=int,
+        default=default("sweep_tokens"),
+        help="tokens per document for the grid points' KL (validation and frontier)",
+    )
+    sw.add_argument(
+        "--frontier-questions",
+        type=int,
+        default=default("frontier_questions"),
+        help="test questions per fold that score every grid point for the frontier (0: no frontier)",
+    )
+    sw.add_argument(
+        "--max-false-flag-rate",
+        default="auto",
+        metavar="RATE|none",
+        help="calibrate gated policies' vote threshold on validation reference answers so that the "
+        "expected false-flag rate on true answers is at most RATE (conformal risk control); none: keep "
+        "the threshold fitted on bank texts (default: 0.3 for TruthfulQA, none for toxigen)",
+    )
     tox = p.add_argument_group("toxicity (--dataset toxigen)")
     tox.add_argument(
         "--prompts",
@@ -137,6 +202,32 @@ def _compare_config(args: argparse.Namespace) -> Any:
     if args.epochs is not None:  # only to the methods that train probes (the others have no epochs)
         known = [m for m in methods if m in method_ids()]
         method_params = {m: {"epochs": args.epochs} for m in known if "epochs" in get_method(m).get_params()}
+    from otguard.harness.sweep import parse_grid_option, parse_param_option
+
+    grids: dict[str, list[dict[str, Any]]] = {}
+    for text in args.grid or []:
+        name, points = parse_grid_option(text)
+        grids[name] = points
+    for text in args.param or []:
+        name, key, value = parse_param_option(text)
+        method_params.setdefault(name, {})[key] = value
+    budget_text = str(args.kl_budget).strip().lower()
+    try:
+        kl_budget = None if budget_text in ("none", "") else float(budget_text)
+    except ValueError:
+        raise ConfigError(
+            f"--kl-budget must be a number of nats per token or 'none'; got {args.kl_budget!r}."
+        ) from None
+    rate_text = str(args.max_false_flag_rate).strip().lower()
+    try:
+        max_ffr: float | str | None = (
+            rate_text if rate_text == "auto" else (None if rate_text == "none" else float(rate_text))
+        )
+    except ValueError:
+        raise ConfigError(
+            "--max-false-flag-rate must be a rate in (0, 1), 'none' or 'auto'; "
+            f"got {args.max_false_flag_rate!r}."
+        ) from None
     judge_options = {k: v for k, v in {"base_url": args.judge_base_url, "model": args.judge_model,
                                         "info_model": args.judge_info_model}.items() if v}  # fmt: skip
     return CompareConfig(
@@ -152,7 +243,10 @@ def _compare_config(args: argparse.Namespace) -> Any:
         prompts=args.prompts, prompts_per_group=args.prompts_per_group,
         toxicity_prompts=args.toxicity_prompts, samples=args.samples,
         continuation_tokens=args.continuation_tokens, top_p=args.top_p, scorer=args.scorer,
-        fluency_model=args.fluency_model,
+        fluency_model=args.fluency_model, sweep=args.sweep, grids=grids, select_by=args.select_by,
+        kl_budget=kl_budget, sweep_docs=args.sweep_docs, frontier_questions=args.frontier_questions,
+        sweep_questions=args.sweep_questions, sweep_tokens=args.sweep_tokens,
+        max_false_flag_rate=max_ffr,
     )  # fmt: skip
 
 

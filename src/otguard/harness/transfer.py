@@ -117,4 +117,3 @@ def _nqopen_labels(cfg: CompareConfig) -> str | None:
     root = resolve_data_dir(cfg.data_dir)
     path = None if root is None else root / "nqopen" / "finetune_truth.jsonl"
     return "nqopen" if path is not None and path.is_file() else None
-

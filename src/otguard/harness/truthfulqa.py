@@ -40,6 +40,7 @@ from otguard.harness.task import (
     common_reading,
 )
 from otguard.harness.transfer import TransferSet, build_transfer_sets
+from otguard.harness.truthfulqa_sweep import TruthfulQASweeps, sample_items
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def _floats(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
-class TruthfulQATask(Task):
+class TruthfulQATask(TruthfulQASweeps, Task):
     """TruthfulQA: MC1/2/3, judged generation, repair/harm, the gate at the point of use, transfer;
     SLIM's κ tuned on validation questions."""
 
@@ -151,6 +152,10 @@ class TruthfulQATask(Task):
         self.val_items: list[QAItem] = []
         self.fold_transfer: dict[str, list[QAItem]] = {}
         self.gate_items: list[QAItem] = []
+        self.val_all: list[QAItem] = []  # every validation question of the fold
+        self.sweep_items: list[QAItem] = []  # the seeded sample of them that scores grid points
+        self.frontier_items: list[QAItem] = []
+        self._mc_cache = {}
 
     # ---- set-up ------------------------------------------------------------------------------------
 
@@ -274,6 +279,15 @@ class TruthfulQATask(Task):
         val = [self.items[g] for g in np.unique(groups[split.val])]
         # A seeded sample of all validation questions (TruthfulQA is sorted by category).
         self.val_items = sample_questions(val, self.config.stage3_questions, self.config.seed + fold)
+        self.val_all = val
+        self.sweep_items = sample_items(val, self.config.sweep_questions, self.config.seed + 200 + fold)
+        n_frontier = self.config.frontier_questions
+        if self.config.limit:  # a quick run judges fewer frontier answers
+            n_frontier = min(n_frontier, max(1, self.config.limit // 5))
+        self.frontier_items = (
+            sample_items(self.test_items, n_frontier, self.config.seed + 100 + fold) if n_frontier else []
+        )
+        self._mc_cache = {}
         self.fold_transfer = {t.prefix: t.items[fold :: self.config.folds] for t in self.transfer_sets}
         self.gate_items = gate_sample(self.test_items, self.config.gate_questions, self.config.gate_answers,
                                       seed=self.config.seed + fold)  # fmt: skip
@@ -281,6 +295,8 @@ class TruthfulQATask(Task):
             "test_questions": len(self.test_items),
             "stage3_questions": len(self.val_items),
             "gate_questions": len(self.gate_items),
+            "sweep_questions": len(self.sweep_items),
+            "frontier_questions": len(self.frontier_items),
             "transfer_questions": {t.source: len(self.fold_transfer[t.prefix]) for t in self.transfer_sets},
         }
 
@@ -326,15 +342,17 @@ class TruthfulQATask(Task):
 
         cfg, items = self.config, self.test_items
         metrics: dict[str, float] = {}
-        with self.timer("mc"):
-            mc = score_mc(
-                self.model,
-                self.tokenizer,
-                items,
-                policy=policy,
-                batch_size=cfg.mc_batch_size,
-                progress=self.progress,
-            )
+        mc = self._mc_cache.get(id(policy))  # the fold's shared MC pass (prepare_test), when it ran
+        if mc is None:
+            with self.timer("mc"):
+                mc = score_mc(
+                    self.model,
+                    self.tokenizer,
+                    items,
+                    policy=policy,
+                    batch_size=cfg.mc_batch_size,
+                    progress=self.progress,
+                )
         metrics.update({"mc1": mc.mc1, "mc2": mc.mc2, "mc3": mc.mc3})
         per_item: dict[str, list[float]] = {
             "mc1": _floats(mc.mc1_per_question),

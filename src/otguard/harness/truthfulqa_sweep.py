@@ -1,0 +1,164 @@
+"""TruthfulQA's side of the sweeps: validation scores, shared MC passes, frontier figures, gate calibration.
+
+Mixed into :class:`otguard.harness.truthfulqa.TruthfulQATask`:
+
+- :meth:`validate` scores grid points on a seeded sample of the training fold's validation questions
+  (``sweep_questions``; never a test question): MC2 (all the points in one shared pass,
+  :func:`otguard.evaluation.truthfulqa_mc.score_mc_many`) or the judged True / True×Info of greedy
+  answers;
+- :meth:`prepare_test` runs the test MC of every method's policy of the fold in one shared pass;
+  :meth:`evaluate` reads it;
+- :meth:`frontier` scores every grid point on a seeded sample of the fold's test questions
+  (``frontier_questions``): MC1/MC2 in one shared pass, and the judged True/Info of greedy answers;
+- :meth:`calibrate_gates` sets the vote threshold of every gated policy on validation reference answers
+  (:func:`otguard.gate_calibration.calibrate_gate`); policies that share their probes and layer share
+  one calibration (the votes of a layer do not depend on the edits made at that layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from otguard.data.qa import QAItem
+    from otguard.evaluation.truthfulqa_mc import MCResult
+    from otguard.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TruthfulQASweeps", "probe_key", "with_thresholds"]
+
+
+def probe_key(policy: Policy) -> str:
+    """A hash of what a gate's votes depend on: the hooked layers, their probes and head masks."""
+    h = hashlib.sha256()
+    for e in policy.layers:
+        h.update(str(e.layer).encode())
+        for t in (e.probe_weight, e.probe_bias, e.head_mask):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def with_thresholds(policy: Policy, thresholds: dict[int, int | None], record: dict[str, Any]) -> Policy:
+    """A copy of ``policy`` whose gated layers use ``thresholds`` (layer -> τ), with the calibration
+    record in its metadata."""
+    layers = [
+        e if e.threshold is None else dataclasses.replace(e, threshold=thresholds.get(e.layer, e.threshold))
+        for e in policy.layers
+    ]
+    return dataclasses.replace(policy, layers=layers, meta={**policy.meta, "gate_calibration": record})
+
+
+class TruthfulQASweeps:
+    """Sweep support of the TruthfulQA task (see the module docstring)."""
+
+    supports_sweep = True
+    calibrates_gates = True
+    # set by TruthfulQATask
+    config: Any
+    model: Any
+    tokenizer: Any
+    judge: Any
+    progress: bool
+    timer: Any
+    test_items: list[QAItem]
+    val_all: list[QAItem]
+    sweep_items: list[QAItem]
+    frontier_items: list[QAItem]
+    _mc_cache: dict[int, MCResult]
+    fold: int
+
+    def _answers(self, items: list[QAItem], policy: Policy | None) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _score_many(self, items: list[QAItem], policies: dict[str, Policy | None]) -> dict[int, MCResult]:
+        """MC results of each distinct policy (keyed by ``id(policy)``) in one shared pass."""
+        from otguard.evaluation.truthfulqa_mc import score_mc_many
+
+        distinct = {str(id(p)): p for p in policies.values()}
+        if not distinct or not items:
+            return {}
+        out = score_mc_many(self.model, self.tokenizer, items, distinct, batch_size=self.config.mc_batch_size,
+                            progress=self.progress)  # fmt: skip
+        return {int(k): v for k, v in out.items()}
+
+    def _judged(self, items: list[QAItem], policy: Policy | None) -> dict[str, float]:
+        answers = self._answers(items, policy)
+        s = self.judge.judge(items, answers).summary()
+        out = {"true": float(s["true"])}
+        if s.get("info") is not None:
+            out["info"] = float(s["info"])
+            out["true_x_info"] = float(s["true_x_info_product"])
+        return out
+
+    def validate(
+        self, points: dict[str, Policy | None], metrics: dict[str, str]
+    ) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {k: {} for k in points}
+        items = self.sweep_items
+        by_mc = {k: p for k, p in points.items() if metrics.get(k) == "mc2"}
+        mcs = self._score_many(items, by_mc)
+        for k, p in by_mc.items():
+            if id(p) in mcs:
+                out[k]["mc2"] = float(mcs[id(p)].mc2)
+        for k, p in points.items():
+            if metrics.get(k) in ("true", "true_x_info") and items:
+                out[k].update(self._judged(items, p))
+        return out
+
+    def prepare_test(self, active: dict[str, Policy | None]) -> None:
+        with self.timer("mc"):
+            self._mc_cache = self._score_many(self.test_items, active)
+
+    def frontier(self, points: dict[str, Policy | None]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {k: {} for k in points}
+        if not self.frontier_items:
+            return out
+        mcs = self._score_many(self.frontier_items, points)
+        for key, policy in points.items():
+            mc = mcs[id(policy)]
+            out[key].update({"mc1": float(mc.mc1), "mc2": float(mc.mc2)})
+            out[key].update({k: v for k, v in self._judged(self.frontier_items, policy).items()
+                             if k in ("true", "info")})  # fmt: skip
+        return out
+
+    def calibrate_gates(self, sweeps: dict[str, Any], max_false_flag_rate: float) -> None:
+        from otguard.gate_calibration import calibrate_gate
+        from otguard.harness.truthfulqa import gate_sample
+
+        items = gate_sample(self.val_all, self.config.gate_questions, self.config.gate_answers,
+                            seed=self.config.seed + 1000 + self.fold)  # fmt: skip
+        if not items:
+            logger.warning("No validation questions to calibrate the gates on; thresholds left as fitted.")
+            return
+        done: dict[str, tuple[dict[int, int | None], dict[str, Any]]] = {}
+        for name, sweep in sweeps.items():
+            if name.endswith("@paper"):  # the published rows keep their published threshold rule
+                continue
+            for i, policy in enumerate(sweep.policies):
+                if not any(e.threshold is not None for e in policy.layers):
+                    continue
+                # One-layer policies with the same probes share a calibration (a layer's votes do not
+                # depend on its own edits); a multi-layer policy's later votes do, so it gets its own.
+                key = probe_key(policy) if len(policy.layers) == 1 else f"policy-{id(policy)}"
+                if key not in done:
+                    calibrated, record = calibrate_gate(policy, self.model, self.tokenizer, items,
+                                                        max_false_flag_rate=max_false_flag_rate,
+                                                        batch_size=self.config.batch_size)  # fmt: skip
+                    rec = record.to_dict()
+                    done[key] = ({e.layer: e.threshold for e in calibrated.layers}, rec)
+                thresholds, rec = done[key]
+                sweep.policies[i] = with_thresholds(policy, thresholds, rec)
+
+
+def sample_items(items: list[Any], n: int, seed: int) -> list[Any]:
+    """A seeded sample of ``n`` items in their original order (all when n is 0 or larger than the set)."""
+    if not n or n >= len(items):
+        return list(items)
+    pick = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
+    return [items[int(i)] for i in pick]
