@@ -233,3 +233,40 @@ def test_sweep_settings_are_checked(changes, message) -> None:
 def test_variants_take_their_base_methods_parameters() -> None:
     config = CompareConfig(methods=("none", "iti@paper"), method_params={"iti@paper": {"epochs": 3}})
     assert config.problems() == []
+
+
+def test_cli_sweep_options_build_the_configuration() -> None:
+    args = cli.build_parser().parse_args(
+        ["compare", "--out", "x", "--grid", "iti:head_share=0.05:strength=1,3", "--param", "radiant:margin=4",
+         "--kl-budget", "none", "--max-false-flag-rate", "0.2", "--select-by", "true"]
+    )  # fmt: skip
+    config = cli_compare._compare_config(args)
+    assert config.grids == {"iti": [{"head_share": 0.05, "strength": 1}, {"head_share": 0.05, "strength": 3}]}
+    assert config.method_params["radiant"] == {"margin": 4}
+    assert config.kl_budget is None and config.max_false_flag_rate == 0.2 and config.select_by == "true"
+    default = cli_compare._compare_config(cli.build_parser().parse_args(["compare", "--out", "x"]))
+    assert default.kl_budget == 0.1 and default.max_false_flag_rate == 0.3 and default.sweep
+    toxic = cli.build_parser().parse_args(["compare", "--out", "x", "--dataset", "toxigen"])
+    assert cli_compare._compare_config(toxic).max_false_flag_rate is None  # no calibration there yet
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grid", "iti:alpha=3"], "the grid of 'iti' names unknown parameter(s) alpha"),
+        (["--grid", "iti"], "--grid 'iti': use METHOD:PARAM=V1,V2"),
+        (["--kl-budget", "lots"], "--kl-budget must be a number of nats per token or 'none'; got 'lots'."),
+        (["--max-false-flag-rate", "2"], "max_false_flag_rate must be in (0, 1) or None; got 2.0"),
+        (["--dataset", "toxigen", "--max-false-flag-rate", "0.3"], "(gate calibration) is TruthfulQA-only"),
+    ],
+)
+def test_cli_bad_sweep_options_fail_before_the_model(argv, message, tmp_path, monkeypatch, capsys) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(runtime, "load", no_model)
+    out = tmp_path / "out"
+    rc = cli.main(["compare", *argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
