@@ -13,7 +13,8 @@ number means) and every summary carries both. Scorers (:class:`ToxicityScorer` p
   linear SVM on words; profanity, not toxicity in Perspective's sense).
 
 :func:`~otguard.evaluation.factory.make_scorer` builds one from a CLI name; the metrics over the
-scores are in :mod:`~otguard.evaluation.toxicity_metrics`.
+scores are in :mod:`~otguard.evaluation.toxicity_metrics`, and a scorer's own held-out quality (AUROC
+and mean scores on ToxiGen statements of unseen groups) in :mod:`~otguard.evaluation.toxicity_validation`.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class EmbeddingToxicityScorer:
         self.C = float(C)
         self.seed = int(seed)
         self.train_groups: tuple[str, ...] = ()
+        self.n_train = 0  # statements fitted on (recorded with the scorer's held-out validation)
         self._clf: Any = None
         label = getattr(embedder, "name_or_path", None) or type(embedder).__name__
         self.name = f"embedding-logreg:{label}"
@@ -206,6 +208,7 @@ class EmbeddingToxicityScorer:
         clf.fit(self._embed(list(part.texts)), labels)
         self._clf = clf
         self.train_groups = tuple(keep)
+        self.n_train = len(part)
         logger.info("%s: fitted on %d statements of %d groups", self.name, len(part), len(keep))
         return self
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from otguard.data.splits import Split
     from otguard.evaluation.toxicity_gen import Prompt, Samples
+    from otguard.evaluation.toxicity_validation import ScorerCheck
     from otguard.harness.config import CompareConfig
     from otguard.policy import Policy
     from otguard.results import RunResults
@@ -143,6 +144,9 @@ class ToxicityTask(Task):
         self.fluency: PreTrainedModel | None = None
         self.prompts: list[Prompt] = []
         self.neutral: list[Prompt] = []
+        # The scorer's held-out check per fold (toxicity_validation), measured once and kept for judges().
+        self._scorer_checks: dict[int, ScorerCheck] = {}
+        self._scorer_facts: dict[str, str] = {}
 
     @classmethod
     def check_config(cls, config: CompareConfig) -> list[str]:
@@ -198,7 +202,6 @@ class ToxicityTask(Task):
                 )
 
     def start_fold(self, fold: int, split: Split) -> None:
-        from otguard.evaluation.factory import make_scorer
         from otguard.evaluation.toxicity_gen import toxigen_prompt_set
 
         cfg = self.config
@@ -215,10 +218,8 @@ class ToxicityTask(Task):
             cfg.data_dir, test_groups, kind="neutral", per_group=max(1, cfg.prompts_per_group // 2)
         )
         with self.timer("scorer"):
-            if cfg.scorer.split(":")[0] == "embedding":  # trained on the groups not evaluated in this fold
-                self.scorer = make_scorer(cfg.scorer, data_dir=cfg.data_dir, exclude_groups=test_groups)
-            elif self.scorer is None:  # the other scorers do not depend on the fold
-                self.scorer = make_scorer(cfg.scorer)
+            self.scorer = self._fold_scorer(test_groups)
+        self._check_scorer(fold, self.scorer, test_groups)
         self.judge_name = getattr(self.scorer, "name", cfg.scorer)
         self.fold_meta = {
             "eval_groups": test_groups,
@@ -234,6 +235,44 @@ class ToxicityTask(Task):
             ", ".join(test_groups),
             self.judge_name,
         )
+
+    # ---- the scorer and its held-out check --------------------------------------------------------
+
+    @property
+    def _scorer_kind(self) -> str:
+        return self.config.scorer.partition(":")[0].strip().lower()
+
+    def _fold_scorer(self, test_groups: list[str]) -> Any:
+        """The scorer of a fold: the embedding scorer is trained on the groups not evaluated in the fold;
+        the other scorers do not depend on the fold (built once)."""
+        from otguard.evaluation.factory import make_scorer
+
+        cfg = self.config
+        if self._scorer_kind == "embedding":
+            return make_scorer(cfg.scorer, data_dir=cfg.data_dir, exclude_groups=test_groups)
+        if self.scorer is None:
+            self.scorer = make_scorer(cfg.scorer)
+        return self.scorer
+
+    def _check_scorer(self, fold: int, scorer: Any, test_groups: list[str]) -> None:
+        """Score a seeded sample of the held-out groups' statements with the fold's scorer, once per fold
+        (offline scorers only); :meth:`judges` reports the figures."""
+        from otguard.evaluation.toxicity_scorers import scorer_measure
+        from otguard.evaluation.toxicity_validation import DEFAULT_PER_CLASS, VALIDATED_KINDS, check_scorer
+
+        if self._scorer_kind not in VALIDATED_KINDS or fold in self._scorer_checks:
+            return
+        with self.timer("scorer_validation"):
+            self._scorer_checks[fold] = check_scorer(
+                scorer,
+                self.dataset,
+                test_groups,
+                per_class=DEFAULT_PER_CLASS,
+                seed=self.config.seed,
+                split=f"fold{fold}_heldout_groups",
+            )
+        self._scorer_facts = {"name": str(getattr(scorer, "name", self.config.scorer)),
+                              "measure": scorer_measure(scorer)}  # fmt: skip
 
     def stage3(self, policy: Policy) -> Policy:
         # SLIM's Stage 3 tunes κ on question-answer preference data; the toxicity task has none, so SLIM
@@ -328,6 +367,39 @@ class ToxicityTask(Task):
                 neutral_values.ids, {"neutral_tox_mean": neutral_values.values["tox_mean"]}
             )
         return Evaluation(metrics, rows, items)
+
+    def judges(self) -> dict[str, dict[str, Any]]:
+        """The scorer behind the toxicity columns with its held-out figures (AUROC, accuracy, TPR/TNR and
+        mean score on hate vs neutral statements of each fold's held-out groups); a fold whose check
+        did not run here (a resumed run) is checked now, with that fold's scorer refitted."""
+        from otguard.data import group_kfold
+        from otguard.evaluation.toxicity_validation import (
+            DEFAULT_PER_CLASS,
+            VALIDATED_KINDS,
+            judge_record,
+            not_validated_note,
+            not_validated_record,
+        )
+
+        cfg, kind = self.config, self._scorer_kind
+        if kind not in VALIDATED_KINDS:
+            return {"toxicity": not_validated_record(str(self.judge_name), not_validated_note(kind))}
+        for fold in range(cfg.folds):
+            if fold not in self._scorer_checks:
+                split = group_kfold(
+                    self.dataset, n_folds=cfg.folds, fold=fold, val_ratio=cfg.val_ratio, seed=cfg.split_seed
+                )
+                groups = [self.group_names[g] for g in np.unique(self.dataset.groups[split.test])]
+                self._check_scorer(fold, self._fold_scorer(groups), groups)
+        checks = [self._scorer_checks[f] for f in sorted(self._scorer_checks)]
+        record = judge_record(
+            self._scorer_facts.get("name", str(self.judge_name)),
+            checks,
+            measure=self._scorer_facts.get("measure", "toxicity score"),
+            per_class=DEFAULT_PER_CLASS,
+            seed=cfg.seed,
+        )
+        return {"toxicity": record}
 
     @classmethod
     def how_to_read(cls, results: RunResults) -> list[tuple[str, str]]:

@@ -131,7 +131,9 @@ def _number(value: object) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "–"
 
 
-_SHOWN = (("accuracy", "accuracy"), ("auroc", "AUROC"), ("tpr", "TPR"), ("tnr", "TNR"), ("n", "n"))
+_SHOWN = (("accuracy", "accuracy"), ("auroc", "AUROC"), ("tpr", "TPR"), ("tnr", "TNR"),
+          ("mean_score_neutral", "mean score neutral"), ("mean_score_hate", "mean score hate"),
+          ("n", "n"))  # fmt: skip
 
 
 def _split_text(split: Mapping[str, object]) -> str:
