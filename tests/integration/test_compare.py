@@ -320,6 +320,8 @@ def test_toxicity_compare_writes_results_continuations_and_report(
         assert again.summary(method, "ppl") == saved.summary(method, "ppl")
     assert (tmp_path / "rescored" / "report.html").is_file()
     assert again.config["rescored_from"] == str(out.resolve())
+    # the same scorer, validated again on the same held-out statements: the same record
+    assert again.judges["toxicity"] == saved.judges["toxicity"] and again.judges["toxicity"]["validated"]
 
 
 # ------------------------------------------------------------------------------------- the LLM judge

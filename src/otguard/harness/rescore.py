@@ -41,6 +41,39 @@ def _scorers(results: RunResults, folds: list[int], scorer: str, data_dir: str |
     return scorers
 
 
+def _scorer_record(
+    results: RunResults, folds: list[int], scorers: dict[int, Any], spec: str, name: str, data_dir: str | None
+) -> dict[str, Any]:
+    """The new scorer's ``judges`` record, validated on each fold's held-out groups as a run does (the
+    original run's record describes the old scorer)."""
+    from otguard.evaluation.toxicity_validation import (
+        VALIDATED_KINDS,
+        check_scorer,
+        judge_record,
+        not_validated_note,
+        not_validated_record,
+    )
+
+    kind = spec.split(":")[0]
+    if kind not in VALIDATED_KINDS:
+        return not_validated_record(name, not_validated_note(kind))
+    from otguard.data import toxigen_statements
+
+    dataset = toxigen_statements(data_dir, source="both")
+    first = results.methods[results.method_ids[0]]
+    seed = int(results.config.get("seed", 0) or 0)
+    checks = []
+    for fold in folds:
+        groups = (first.folds[fold].meta.get("eval_groups") if fold < len(first.folds) else None) or []
+        if groups:
+            checks.append(
+                check_scorer(scorers[fold], dataset, groups, seed=seed, split=f"fold{fold}_heldout_groups")
+            )
+    from otguard.evaluation.toxicity_scorers import scorer_measure
+
+    return judge_record(name, checks, seed=seed, measure=scorer_measure(scorers[folds[0]]))
+
+
 def rescore_toxicity(
     run_dir: str | os.PathLike[str],
     scorer: str,
@@ -99,6 +132,10 @@ def rescore_toxicity(
             entry.metrics[key] = MetricSummary.of(vals, ddof=results.std_ddof)
     results.config["judge"] = name
     results.config["rescored_from"] = str(src.resolve())
+    results.judges = {
+        **results.judges,
+        "toxicity": _scorer_record(results, folds, scorers, scorer, name, data_dir),
+    }
     write_marker(out, OUTPUT_KIND)
     results.write(out / "results.json")
     write_csv(out / ToxicityTask.csv_name, ToxicityTask.csv_fields, rows)
