@@ -71,3 +71,54 @@ def test_validation_documents_are_seeded_and_disjoint_from_the_test_documents() 
     assert len(val) == 8 and not set(val) & set(test)
     assert val == validation_documents(docs, test, 8, seed=0)
     assert validation_documents(docs, docs, 8, seed=0) == [] and validation_documents(docs, test, 0, 0) == []
+
+
+def _bank(n_groups: int = 40, layers: int = 3, heads: int = 4, d: int = 8) -> object:
+    """Gaussian activations with a class signal that grows with the layer."""
+    import torch
+
+    from otguard.activations import ActivationSet
+    from otguard.sites import ModelIdentity
+
+    g = torch.Generator().manual_seed(0)
+    n = n_groups * 4
+    y = torch.tensor([(i // 2) % 2 for i in range(n)])
+    x = torch.randn(n, layers, heads, d, generator=g)
+    for layer in range(layers):
+        x[:, layer] += (0.5 + layer) * y[:, None, None].float() * torch.randn(heads, d, generator=g)
+    ident = ModelIdentity(
+        "tiny", "llama", layers, heads, heads, d, heads * d, "model.layers.{layer}.self_attn.o_proj"
+    )
+    return ActivationSet(
+        x, y, torch.arange(n) // 4, {"model": ident.to_dict(), "data_fingerprint": "synthetic"}
+    )
+
+
+def test_radiant_as_published_sweeps_its_candidate_layers_by_true_x_info() -> None:
+    import numpy as np
+
+    from otguard.harness.config import CompareConfig
+    from otguard.harness.sweep import fit_grid
+    from otguard.methods.grids import PAPER_PARAMS
+
+    acts = _bank()
+    val = acts.groups.numpy() % 4 == 0
+    split = type("Split", (), {"train": np.flatnonzero(~val), "val": np.flatnonzero(val)})()
+    config = CompareConfig(methods=("none", "radiant@paper"), method_params={"radiant@paper": {"epochs": 30}})
+    sweep = fit_grid(config, "radiant@paper", acts, split, False)
+    assert (
+        sweep.metric == "true_x_info"
+        and sweep.swept
+        and len(sweep.policies) == PAPER_PARAMS["radiant"]["layer_sweep"]
+    )
+    from otguard.methods import get_method
+
+    first = get_method("radiant", epochs=30, progress=False, **PAPER_PARAMS["radiant"])
+    candidates = first.fit(acts, split.train, split.val).candidate_layers_
+    assert len(candidates) == 2 and [p["layers"] for p in sweep.params] == [[c] for c in candidates]
+    assert [pol.layers[0].layer for pol in sweep.policies] == candidates
+    assert all(p["threshold_rule"] == "radiant" and p["margin"] == 15.0 for p in sweep.params)
+    # the plain method is swept over its margins by the common rule
+    plain = fit_grid(CompareConfig(methods=("none", "radiant"), method_params={"radiant": {"epochs": 30}}),
+                     "radiant", acts, split, False)  # fmt: skip
+    assert plain.metric == "mc2" and [p["margin"] for p in plain.params] == [1.0, 4.0, 15.0]

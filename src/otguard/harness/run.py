@@ -378,7 +378,9 @@ class CompareRun:
                 {**scores.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
                 for i in range(len(sw.policies))
             ]
-            sw.choose(cfg.kl_budget if kls else None)
+            # RADIANT@paper keeps its layer by validation True×Info alone, as published (no KL budget).
+            paper = name.endswith("@paper")
+            sw.choose(cfg.kl_budget if kls and not paper else None)
             logger.info(
                 "fold %d %s: chose %s of %d grid points (validation %s %.4f, KL %s%s)",
                 fold, name, sw.params[sw.selected], len(sw.params), sw.metric,
