@@ -222,6 +222,8 @@ def test_sweeps_choose_on_validation_questions_and_record_every_grid_point(
     for fold in (0, 1):
         assert validated[fold] and not set(validated[fold]) & tested[fold]  # never a test question
     assert saved.selection is not None and saved.selection.kl_budget == 0.5
+    reference = saved.selection.extra["reference"]  # none on the frontier's questions
+    assert reference["kl"] == 0.0 and reference["mc2"] is not None and reference["true"] is not None
     for method in ("mean-shift", "slim"):
         sweep = saved.methods[method].sweep
         assert sweep is not None and len(sweep) == 2

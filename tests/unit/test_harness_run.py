@@ -272,5 +272,10 @@ def test_the_sweep_choice_never_reads_the_test_split(sweep_demo, tmp_path) -> No
         best = max(range(3), key=lambda i: rows[i].validation["mc2"])
         assert [r.selected for r in rows] == [i == best for i in range(3)]
     assert clean.selection is not None and clean.selection.kl_budget is None
+    # the unsteered model measured on the frontier's own rows, as the plot's reference
+    ref = clean.selection.extra["reference"]
+    assert ref["kl"] == 0.0 and ref["mc2"] == pytest.approx(
+        np.mean([f.meta["frontier_reference"]["mc2"] for f in clean.methods["mean-shift"].folds]), abs=1e-12
+    )
     # Validation KL was measured on documents the test KL does not use.
     assert all(p.validation["kl"] is not None for p in sweep_c)

@@ -116,6 +116,27 @@ def fit_policies(
     return fitted
 
 
+#: The unsteered model's key in the frontier pass.
+_REFERENCE = "none#reference"
+
+
+def _reference(done: dict[tuple[int, str], PartialResult], config: CompareConfig) -> dict[str, Any]:
+    """The unsteered model's frontier figures (the same test questions and documents as the grid
+    points), averaged over the folds: the frontier plot's reference."""
+    per_fold: dict[int, dict[str, Any]] = {}
+    for (fold, _), part in sorted(done.items()):
+        ref = part.record.meta.get("frontier_reference")
+        if ref and fold not in per_fold:
+            per_fold[fold] = ref
+    out: dict[str, Any] = {}
+    keys = {k for ref in per_fold.values() for k in ref}
+    for key in sorted(keys):
+        vals = [float(r[key]) for r in per_fold.values() if r.get(key) is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+    out["what"] = "the unsteered model on the frontier's test questions and documents (mean over folds)"
+    return out
+
+
 def _point_key(method: str, index: int) -> str:
     """The key of a method's grid point in the shared passes (MC, KL, generations)."""
     return f"{method}#{index}"
@@ -298,6 +319,7 @@ class CompareRun:
                 if sw.swept:
                     meta["sweep"] = sw.entries(fold)
                     meta["grid_point"] = meta["sweep"][sw.selected]["params"]
+                    meta["frontier_reference"] = dict(sw.reference)
                 if "gate_calibration" in policies[name].meta:
                     meta["gate_calibration"] = policies[name].meta["gate_calibration"]
                 if name in drift:
@@ -338,7 +360,8 @@ class CompareRun:
                   for i, p in enumerate(sw.policies)}  # fmt: skip
         n_docs = max(1, cfg.sweep_docs // cfg.folds)
         with self.timer("frontier"):
-            figures = self.task.frontier(points)
+            # the unsteered model on the same questions: the frontier plot's reference line
+            figures = self.task.frontier({**points, _REFERENCE: None})
             kls = {}
             if fold_docs and cfg.sweep_docs:
                 drift = measure_drift_many(self.task.model, self.task.tokenizer, fold_docs[:n_docs], points,
@@ -350,6 +373,7 @@ class CompareRun:
                 {**figures.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
                 for i in range(len(sw.policies))
             ]
+            sw.reference = {**figures.get(_REFERENCE, {}), "kl": 0.0}
 
     def _select(self, fold: int, sweeps: dict[str, FoldSweep]) -> None:
         """Validation figures of every grid point (the task's score on the training fold's validation
@@ -441,7 +465,9 @@ class CompareRun:
             versions=versions(),
             judges=self.task.judges(),
             selection=(
-                Selection.from_dict(selection_record(cfg)) if any(m.sweep for m in methods.values()) else None
+                Selection.from_dict({**selection_record(cfg), "reference": _reference(done, cfg)})
+                if any(m.sweep for m in methods.values())
+                else None
             ),
             examples={m: e for m, e in examples.items() if any(e.values())},
         )

@@ -205,6 +205,7 @@ class FoldSweep:
     selected: int = 0
     within_budget: bool = True
     budget_ok: list[bool] = field(default_factory=list)
+    reference: dict[str, float | None] = field(default_factory=dict)  # none on the frontier's questions
 
     @property
     def swept(self) -> bool:

@@ -380,8 +380,13 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
         points = frontier_points(res, y, x)
         markers: list[tuple[str, float, float]] = []
         lines: list[tuple[str, float]] = []
+        reference = (res.selection.extra.get("reference") if res.selection is not None else None) or {}
         for method in res.method_ids:
             if method in swept:
+                continue
+            if method == _BASELINE and _finite(reference.get(y)):
+                # the unsteered model on the frontier's own questions, when the run measured it
+                lines.append((method, ky * float(reference[y])))
                 continue
             sy, sx = res.summary(method, y), res.summary(method, x)
             if sy is None or not _finite(sy.mean):
@@ -445,7 +450,11 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
                 linestyle="--",
                 lw=1.0,
                 zorder=1,
-                label=f"{method_label(method)} (unsteered)" if method == _BASELINE else method_label(method),
+                label=f"{method_label(method)} (unsteered, same questions)"
+                if method == _BASELINE and _finite(reference.get(y))
+                else f"{method_label(method)} (unsteered)"
+                if method == _BASELINE
+                else method_label(method),
             )
         if budget is not None and x == "kl" and (budget > 0 or not log_x):
             ax.axvline(
