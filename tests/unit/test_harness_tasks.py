@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,11 @@ def test_rescore_recomputes_only_the_toxicity_metrics(tmp_path, monkeypatch) -> 
     assert again.to_dict() == res.to_dict()
     new_rows = list(csv.DictReader((tmp_path / "new" / "continuations.csv").read_text().splitlines()))
     assert {r["toxicity"] for r in new_rows} == {"0.2", "1.0", "0.3"}
+    # the new scorer's record replaces the old one; this made-up run's group 'g' is not in ToxiGen (nor
+    # is any ToxiGen data needed): the record says why it is not validated
+    record = res.judges["toxicity"]
+    assert record["name"] == "length" and record["validated"] is False
+    assert "the held-out check could not run" in json.dumps(record)
 
 
 def test_rescore_refuses_other_runs_and_foreign_folders(tmp_path, monkeypatch) -> None:

@@ -65,10 +65,14 @@ def _scorer_record(
     checks = []
     for fold in folds:
         groups = (first.folds[fold].meta.get("eval_groups") if fold < len(first.folds) else None) or []
-        if groups:
+        if not groups:
+            continue
+        try:
             checks.append(
                 check_scorer(scorers[fold], dataset, groups, seed=seed, split=f"fold{fold}_heldout_groups")
             )
+        except DataError as exc:  # e.g. a run on other data: say why instead of failing the rescore
+            return not_validated_record(name, f"the held-out check could not run: {exc}")
     from otguard.evaluation.toxicity_scorers import scorer_measure
 
     return judge_record(name, checks, seed=seed, measure=scorer_measure(scorers[folds[0]]))
