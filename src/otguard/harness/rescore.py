@@ -59,7 +59,10 @@ def _scorer_record(
         return not_validated_record(name, not_validated_note(kind))
     from otguard.data import toxigen_statements
 
-    dataset = toxigen_statements(data_dir, source="both")
+    try:
+        dataset = toxigen_statements(data_dir, source="both")
+    except DataError as exc:
+        return not_validated_record(name, f"the held-out check could not run: {exc}")
     first = results.methods[results.method_ids[0]]
     seed = int(results.config.get("seed", 0) or 0)
     checks = []
