@@ -42,7 +42,6 @@ says nothing about the catch rate, which the record tabulates at every ``tau`` n
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -51,6 +50,7 @@ import numpy as np
 
 from otguard.errors import ConfigError, DataError
 from otguard.evaluation.gate import AnswerGate, gate_answers
+from otguard.io import json_finite
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class GateCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (no NaN: an empty side is None)."""
-        return _finite(asdict(self))
+        return json_finite(asdict(self))
 
 
 # ------------------------------------------------------------------------------ the rule, on arrays
@@ -303,14 +303,3 @@ def _calibrate_layer(layer: int, previous: int, gates: Sequence[AnswerGate], vot
 
 def _share(mask: np.ndarray) -> float | None:
     return float(mask.mean()) if mask.size else None
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, recursively (policy.json is strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -142,6 +142,22 @@ def _point_key(method: str, index: int) -> str:
     return f"{method}#{index}"
 
 
+def _grid_points(swept: dict[str, FoldSweep]) -> dict[str, Policy | None]:
+    """Every grid point of the swept methods by :func:`_point_key` (None: a policy that edits nothing)."""
+    return {_point_key(n, i): (p if p.layers else None) for n, sw in swept.items()
+            for i, p in enumerate(sw.policies)}  # fmt: skip
+
+
+def _per_point(
+    name: str, sweep: FoldSweep, figures: dict[str, dict[str, Any]], kls: dict[str, float]
+) -> list[dict[str, Any]]:
+    """One row per grid point of ``name``: its figures and its KL (None where not measured)."""
+    return [
+        {**figures.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
+        for i in range(len(sweep.policies))
+    ]
+
+
 def _fold_record(fold: int, policy: Policy, seconds: float, meta: dict[str, Any]) -> FoldRecord:
     det = policy.meta.get("detector_val")
     detector = None
@@ -350,58 +366,46 @@ class CompareRun:
         """Test figures of every grid point of the swept methods, the chosen one included, measured alike
         (the task's frontier questions; KL on the first ``sweep_docs / folds`` test documents, at most
         ``sweep_tokens`` tokens each), for the frontier only: nothing here feeds a choice."""
-        from otguard.evaluation.drift import measure_drift_many
-
         cfg = self.config
         swept = {name: sw for name, sw in sweeps.items() if sw.swept}
         if not swept:
             return
-        points = {_point_key(n, i): (p if p.layers else None) for n, sw in swept.items()
-                  for i, p in enumerate(sw.policies)}  # fmt: skip
+        points = _grid_points(swept)
         n_docs = max(1, cfg.sweep_docs // cfg.folds)
         with self.timer("frontier"):
             # the unsteered model on the same questions: the frontier plot's reference line
             figures = self.task.frontier({**points, _REFERENCE: None})
-            kls = {}
-            if fold_docs and cfg.sweep_docs:
-                drift = measure_drift_many(self.task.model, self.task.tokenizer, fold_docs[:n_docs], points,
-                                           max_tokens=cfg.sweep_tokens, batch_size=8,
-                                           progress=self.progress)  # fmt: skip
-                kls = {k: d.kl for k, d in drift.items()}
+            kls = self._grid_kls(fold_docs[:n_docs] if cfg.sweep_docs else [], points)
         for name, sw in swept.items():
-            sw.test = [
-                {**figures.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
-                for i in range(len(sw.policies))
-            ]
+            sw.test = _per_point(name, sw, figures, kls)
             sw.reference = {**figures.get(_REFERENCE, {}), "kl": 0.0}
+
+    def _grid_kls(self, docs: list[str], points: dict[str, Policy | None]) -> dict[str, float]:
+        """KL of every grid point on ``docs`` (``sweep_tokens`` each), one shared pass; {} without docs."""
+        from otguard.evaluation.drift import measure_drift_many
+
+        if not docs:
+            return {}
+        drift = measure_drift_many(self.task.model, self.task.tokenizer, docs, points,
+                                   max_tokens=self.config.sweep_tokens, batch_size=8,
+                                   progress=self.progress)  # fmt: skip
+        return {k: d.kl for k, d in drift.items()}
 
     def _select(self, fold: int, sweeps: dict[str, FoldSweep]) -> None:
         """Validation figures of every grid point (the task's score on the training fold's validation
         questions, KL on the validation documents) and the choice of each swept method
         (:func:`otguard.harness.sweep.select_point`)."""
-        from otguard.evaluation.drift import measure_drift_many
-
         swept = {name: sw for name, sw in sweeps.items() if sw.swept}
         if not swept:
             return
         cfg, task = self.config, self.task
-        points = {_point_key(n, i): (p if p.layers else None) for n, sw in swept.items()
-                  for i, p in enumerate(sw.policies)}  # fmt: skip
+        points = _grid_points(swept)
         metrics = {key: swept[key.rpartition("#")[0]].metric for key in points}
         with self.timer("sweep_validation"):
             scores = task.validate(points, metrics)
-            val_docs = self.val_docs[fold :: cfg.folds]
-            kls = {}
-            if val_docs:
-                drift = measure_drift_many(self.task.model, self.task.tokenizer, val_docs, points,
-                                           max_tokens=cfg.sweep_tokens, batch_size=8,
-                                           progress=self.progress)  # fmt: skip
-                kls = {k: d.kl for k, d in drift.items()}
+            kls = self._grid_kls(self.val_docs[fold :: cfg.folds], points)
         for name, sw in swept.items():
-            sw.validation = [
-                {**scores.get(_point_key(name, i), {}), "kl": kls.get(_point_key(name, i))}
-                for i in range(len(sw.policies))
-            ]
+            sw.validation = _per_point(name, sw, scores, kls)
             # RADIANT@paper keeps its layer by validation True×Info alone, as published (no KL budget).
             paper = name.endswith("@paper")
             sw.choose(cfg.kl_budget if kls and not paper else None)

@@ -40,7 +40,8 @@ from otguard.harness.task import (
     common_reading,
 )
 from otguard.harness.transfer import TransferSet, build_transfer_sets
-from otguard.harness.truthfulqa_sweep import TruthfulQASweeps, sample_items
+from otguard.harness.truthfulqa_sweep import TruthfulQASweeps
+from otguard.io import json_finite
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -280,12 +281,13 @@ class TruthfulQATask(TruthfulQASweeps, Task):
         # A seeded sample of all validation questions (TruthfulQA is sorted by category).
         self.val_items = sample_questions(val, self.config.stage3_questions, self.config.seed + fold)
         self.val_all = val
-        self.sweep_items = sample_items(val, self.config.sweep_questions, self.config.seed + 200 + fold)
+        n_sweep = self.config.sweep_questions  # 0: every validation question
+        self.sweep_items = sample_questions(val, n_sweep, self.config.seed + 200 + fold) if n_sweep else val
         n_frontier = self.config.frontier_questions
         if self.config.limit:  # a quick run judges fewer frontier answers
             n_frontier = min(n_frontier, max(1, self.config.limit // 5))
         self.frontier_items = (
-            sample_items(self.test_items, n_frontier, self.config.seed + 100 + fold) if n_frontier else []
+            sample_questions(self.test_items, n_frontier, self.config.seed + 100 + fold) if n_frontier else []
         )
         self._mc_cache = {}
         self.fold_transfer = {t.prefix: t.items[fold :: self.config.folds] for t in self.transfer_sets}
@@ -418,7 +420,7 @@ class TruthfulQATask(TruthfulQASweeps, Task):
             out.metrics[key] = float(getattr(gate, key))
         if gate.nominal_level is not None:
             out.metrics["guarantee_nominal"] = float(gate.nominal_level)
-        record = _finite(gate.to_dict())
+        record = json_finite(gate.to_dict())
         record.pop("info", None)
         out.meta["gate"] = record
 
@@ -511,17 +513,6 @@ def gate_sample(items: list[QAItem], questions: int, answers: int, *, seed: int)
 
     return [dataclasses.replace(it, correct_answers=some(it.correct_answers),
                                 incorrect_answers=some(it.incorrect_answers)) for it in picked]  # fmt: skip
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None (JSON has neither), recursively."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _truth(value: Any) -> bool:

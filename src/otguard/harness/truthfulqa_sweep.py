@@ -22,8 +22,6 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
     from otguard.data.qa import QAItem
     from otguard.evaluation.truthfulqa_mc import MCResult
@@ -154,11 +152,3 @@ class TruthfulQASweeps:
                     done[key] = ({e.layer: e.threshold for e in calibrated.layers}, rec)
                 thresholds, rec = done[key]
                 sweep.policies[i] = with_thresholds(policy, thresholds, rec)
-
-
-def sample_items(items: list[Any], n: int, seed: int) -> list[Any]:
-    """A seeded sample of ``n`` items in their original order (all when n is 0 or larger than the set)."""
-    if not n or n >= len(items):
-        return list(items)
-    pick = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
-    return [items[int(i)] for i in pick]
