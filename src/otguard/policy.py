@@ -15,6 +15,7 @@ it at inference live in :mod:`otguard.hook`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -248,6 +249,19 @@ class Policy:
         self.model.check_compatible(model_identity(model, sites), check_weights=check_weights)
         kappa = self.kappa if kappa is None else float(kappa)
         return PolicyHandle(self, model, sites, scope, kappa, mode=mode, record=record)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of everything that decides what the attached policy does (rule, κ, scope, layers,
+        thresholds, tensors), not of its metadata: two policies with the same fingerprint edit alike,
+        so their outputs can be computed once (the comparison harness memoises answers by it)."""
+        h = hashlib.sha256(json.dumps([self.rule, float(self.kappa), self.scope]).encode())
+        for edit in self.layers:
+            h.update(json.dumps([edit.layer, edit.threshold]).encode())
+            for name, tensor in sorted(edit.tensors().items()):
+                h.update(name.encode())
+                h.update(str(tensor.dtype).encode())
+                h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def with_kappa(self, kappa: float) -> Policy:
         """A copy with another SLIM strength (no refit needed)."""

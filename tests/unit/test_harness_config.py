@@ -106,6 +106,27 @@ def test_record_and_key() -> None:
     assert CompareConfig(limit=40).key() != CompareConfig(limit=41).key()
 
 
+def test_side_samples_scale_with_limit_unless_given() -> None:
+    from otguard.harness.config import AUTO_SIZES
+
+    full = CompareConfig()
+    assert {k: getattr(full, k) for k in AUTO_SIZES} == {
+        "transfer_questions": 200, "drift_docs": 100, "gate_questions": 60, "sweep_questions": 40,
+        "sweep_docs": 20, "frontier_questions": 40,
+    }  # fmt: skip
+    quick = CompareConfig(limit=100)  # max(floor, 100 // divisor), never above the full run's value
+    assert {k: getattr(quick, k) for k in AUTO_SIZES} == {
+        "transfer_questions": 25, "drift_docs": 20, "gate_questions": 20, "sweep_questions": 25,
+        "sweep_docs": 10, "frontier_questions": 10,
+    }  # fmt: skip
+    assert CompareConfig(limit=4).sweep_docs == 2 and CompareConfig(limit=4000).transfer_questions == 200
+    given = CompareConfig(limit=100, frontier_questions=40, transfer_questions=0)  # explicit: kept
+    assert (given.frontier_questions, given.transfer_questions) == (40, 0)
+    assert quick.to_dict()["frontier_questions"] == 10  # the record holds the numbers used
+    args = cli.build_parser().parse_args(["compare", "--out", "x", "--limit", "100"])
+    assert cli_compare._compare_config(args).frontier_questions == 10
+
+
 def test_cli_defaults_come_from_the_dataclass() -> None:
     args = cli.build_parser().parse_args(["compare", "--out", "x"])
     config = cli_compare._compare_config(args)

@@ -178,6 +178,25 @@ def test_rescore_recomputes_only_the_toxicity_metrics(tmp_path, monkeypatch) -> 
     assert "the held-out check could not run" in json.dumps(record)
 
 
+def test_rescore_drops_the_sweeps_old_scorer_figures_but_keeps_what_chose(tmp_path, monkeypatch) -> None:
+    from otguard.results import Selection, SweepFold, SweepPoint
+
+    monkeypatch.setattr("otguard.evaluation.factory.make_scorer", lambda spec, **kw: _LengthScorer())
+    _toxicity_run(tmp_path / "run")
+    res = RunResults.from_json(tmp_path / "run")
+    test = {"tox_mean": 0.6, "neutral_tox_mean": 0.4, "ppl": 9.0, "kl": 0.02}
+    res.methods["slim"].sweep = [SweepPoint(
+        {"kappa": 5.0}, {"nontoxic": 0.4, "kl": 0.01}, dict(test), [0, 1], True,
+        [SweepFold(k, {"nontoxic": 0.4, "kl": 0.01}, dict(test), True) for k in range(2)])]  # fmt: skip
+    res.selection = Selection("nontoxic", "rule", 0.1, extra={"reference": {"tox_mean": 0.7, "ppl": 8.0}})
+    res.write(tmp_path / "run" / "results.json")
+    new = rescore_toxicity(tmp_path / "run", "profanity", tmp_path / "new")
+    point = new.methods["slim"].sweep[0]
+    assert point.test == {"ppl": 9.0, "kl": 0.02} and all(f.test == point.test for f in point.folds)
+    assert point.validation == {"nontoxic": 0.4, "kl": 0.01}  # what chose the point stays
+    assert new.selection.extra["reference"] == {"ppl": 8.0} and new.selection.extra["scored_by"] == "old"
+
+
 def test_rescore_refuses_other_runs_and_foreign_folders(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr("otguard.evaluation.factory.make_scorer", lambda spec, **kw: _LengthScorer())
     (tmp_path / "tqa").mkdir()

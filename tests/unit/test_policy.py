@@ -15,6 +15,7 @@ bf16, 2**-10 for fp16), with the same votes even for logits 1e-4 from the thresh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -648,3 +649,23 @@ def test_accelerate_offloaded_model(llama, tmp_path):
     with policy.attach(offloaded):  # offloaded (meta) weights are skipped by the identity check
         got = logits_of(offloaded, ids, mask)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+
+
+def test_fingerprint_follows_what_the_policy_does_not_its_metadata(llama, tmp_path) -> None:
+    base = random_policy(llama)
+    key = base.fingerprint()
+    assert key == random_policy(llama).fingerprint()  # rebuilt from the same seed: equal
+    assert key == dataclasses.replace(base, meta={"other": 1}, params={"x": 2}).fingerprint()
+    assert key == Policy.load(base.save(tmp_path / "p")).fingerprint()  # survives a save/load
+    changed = [
+        base.with_kappa(3.0),
+        dataclasses.replace(base, scope="answer"),
+        dataclasses.replace(base, rule="kappa-p"),
+        dataclasses.replace(base, layers=[dataclasses.replace(base.layers[0], threshold=3), base.layers[1]]),
+        random_policy(llama, seed=1),
+    ]
+    nudged = copy.deepcopy(base)
+    nudged.layers[1].b[0, 0] += 1e-6  # one value of one tensor
+    changed.append(nudged)
+    keys = [p.fingerprint() for p in changed]
+    assert key not in keys and len(set(keys)) == len(keys)

@@ -23,6 +23,16 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def count_or_auto(text: str) -> int | str:
+    """An argparse type: ``auto`` (the configuration scales the number with ``--limit``) or an integer."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def float_in(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from otguard.cli import runtime
-from otguard.cli.args import add_common
+from otguard.cli.args import add_common, count_or_auto
 
 logger = logging.getLogger("otguard")
 
@@ -61,21 +61,23 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--transfer", action="append", default=None, metavar="SET",
                    help="transfer question set: nqopen, or a CSV in the TruthfulQA layout; repeat for "
                         "several, 'none' for none (default: nqopen)")  # fmt: skip
-    p.add_argument("--transfer-questions", type=int, default=default("transfer_questions"),
-                   help="questions per transfer set, in all (0 = skip transfer)")  # fmt: skip
+    p.add_argument("--transfer-questions", type=count_or_auto, default=default("transfer_questions"),
+                   help="questions per transfer set, in all (0 = skip transfer; default 200, fewer with "
+                        "--limit)")  # fmt: skip
     p.add_argument("--bootstrap", type=int, default=default("bootstrap"),
                    help="paired bootstrap resamples of the differences to none (0 = none)")  # fmt: skip
     p.add_argument("--no-gate", dest="gate", action="store_false",
                    help="skip the point-of-use gate measurement of the gated methods")  # fmt: skip
     p.add_argument("--drift-source", default=default("drift_source"),
                    help="CE/KL text: xsum, a .txt/.jsonl file, hub:NAME, none")  # fmt: skip
-    p.add_argument("--drift-docs", type=int, default=default("drift_docs"), help="CE/KL documents in all")
+    p.add_argument("--drift-docs", type=count_or_auto, default=default("drift_docs"),
+                   help="CE/KL documents in all (default 100, fewer with --limit)")  # fmt: skip
     p.add_argument("--drift-tokens", type=int, default=default("drift_tokens"), help="tokens per document")
     p.add_argument("--stage3-questions", type=int, default=default("stage3_questions"))
     p.add_argument("--kappa-grid", default=",".join(f"{k:g}" for k in default("kappa_grid")),
                    help="SLIM Stage 3: kappa values to try")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="probe epochs of every method that trains probes")
-    sw = p.add_argument_group("sweeps: every method at its best validated grid point (TruthfulQA)")
+    sw = p.add_argument_group("sweeps: every method at its best validated grid point")
     sw.add_argument(
         "--no-sweep",
         dest="sweep",
@@ -100,8 +102,9 @@ def _add_compare(sub: Any) -> None:
     sw.add_argument(
         "--select-by",
         default=default("select_by"),
-        choices=("mc2", "true", "true_x_info"),
-        help="validation score of the selection rule (mc2: cheap; true: judged generations)",
+        choices=("auto", "mc2", "true", "true_x_info", "nontoxic"),
+        help="validation score of the selection rule (mc2: cheap; true: judged generations; nontoxic: "
+        "1 - mean toxicity of sampled continuations, toxigen only; auto: mc2, or nontoxic for toxigen)",
     )
     sw.add_argument(
         "--kl-budget",
@@ -111,15 +114,16 @@ def _add_compare(sub: Any) -> None:
     )
     sw.add_argument(
         "--sweep-docs",
-        type=int,
+        type=count_or_auto,
         default=default("sweep_docs"),
-        help="validation documents for the KL of the grid points, in all",
+        help="validation documents for the KL of the grid points, in all (default 20, fewer with --limit)",
     )
     sw.add_argument(
         "--sweep-questions",
-        type=int,
+        type=count_or_auto,
         default=default("sweep_questions"),
-        help="validation questions per fold that score the grid points (0: all of them)",
+        help="validation questions (toxigen: hate prompts of the validation groups) per fold that score "
+        "the grid points (0: all of them; default 40, fewer with --limit)",
     )
     sw.add_argument(
         "--sweep-tokens",
@@ -129,9 +133,10 @@ def _add_compare(sub: Any) -> None:
     )
     sw.add_argument(
         "--frontier-questions",
-        type=int,
+        type=count_or_auto,
         default=default("frontier_questions"),
-        help="test questions per fold that score every grid point for the frontier (0: no frontier)",
+        help="test questions (toxigen: hate prompts, and a quarter as many neutral ones) per fold that "
+        "score every grid point for the frontier (0: no frontier; default 40, fewer with --limit)",
     )
     sw.add_argument(
         "--max-false-flag-rate",
@@ -255,7 +260,7 @@ def _transfer_sets(args: argparse.Namespace) -> tuple[str, ...]:
     from otguard.harness.config import default
 
     sets = tuple(args.transfer) if args.transfer else tuple(default("transfer"))
-    if args.transfer_questions <= 0 or any(s.strip().lower() == "none" for s in sets):
+    if args.transfer_questions == 0 or any(s.strip().lower() == "none" for s in sets):
         return ()
     return sets
 

@@ -20,11 +20,25 @@ from typing import Any
 from otguard.errors import ConfigError
 from otguard.harness.registry import TASKS, task_class
 
-__all__ = ["JUDGE_KINDS", "CompareConfig", "default", "method_ids"]
+__all__ = ["AUTO_SIZES", "JUDGE_KINDS", "CompareConfig", "default", "method_ids"]
 
 #: The default target of the gate calibration (issue 12's goal: at most 30 % of true-answer positions
 #: flagged at generation).
 DEFAULT_MAX_FALSE_FLAG_RATE = 0.3
+#: The samples a run draws besides its test questions, ``"auto"`` by default: field -> (full-run value,
+#: divisor, floor). ``"auto"`` is the full-run value, or with ``limit`` the smaller of it and
+#: ``max(floor, limit // divisor)``: a quick run (``--limit 100``) spends its minutes on its test
+#: questions, not on the side samples. A task may set its own full-run values (``Task.auto_sizes``:
+#: toxicity samples continuations, so its grid points cost more per prompt). An explicit number is
+#: always used as given.
+AUTO_SIZES: dict[str, tuple[int, int, int]] = {
+    "transfer_questions": (200, 4, 1),  # per transfer set, in all
+    "drift_docs": (100, 5, 4),  # in all
+    "gate_questions": (60, 5, 4),  # per fold
+    "sweep_questions": (40, 4, 4),  # per fold
+    "sweep_docs": (20, 10, 2),  # in all
+    "frontier_questions": (40, 10, 4),  # per fold
+}
 #: ``--judge`` kinds (before any ``:argument``).
 JUDGE_KINDS = ("learned", "sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai")
 
@@ -73,25 +87,27 @@ class CompareConfig:
     mc_batch_size: int = 64
     max_new_tokens: int = 50
     transfer: tuple[str, ...] = ("nqopen",)  # "nqopen" and/or CSV files in the TruthfulQA layout
-    transfer_questions: int = 200  # per transfer set, in all, split across the folds
+    transfer_questions: int | str = "auto"  # per transfer set, in all, split across the folds (AUTO_SIZES)
     drift_source: str | None = "xsum"
-    drift_docs: int = 100  # in all, split across the folds
+    drift_docs: int | str = "auto"  # in all, split across the folds (AUTO_SIZES)
     drift_tokens: int = 128
     stage3_questions: int = 24
     kappa_grid: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     bootstrap: int = 2000  # paired bootstrap resamples of the difference to none (0: no intervals)
     gate: bool = True  # measure gated policies at the point of use (teacher-forced reference answers)
-    gate_questions: int = 60  # per fold: a seeded sample of the test questions (0: all of them)
+    gate_questions: int | str = "auto"  # per fold: a seeded sample of the test questions (0: all of them)
     gate_answers: int = 2  # per question and side (true / false): a seeded sample (0: all of them)
     # sweeps (harness/sweep.py): every swept method at its best validated grid point
     sweep: bool = True  # sweep the methods' default grids (False: one point, the method's defaults)
     grids: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method id -> grid points
-    select_by: str = "mc2"  # validation score the rule maximises (see sweep.SELECTION_METRICS)
+    # validation score the rule maximises (sweep.SELECTION_METRICS); "auto": the task's own default
+    # (TruthfulQA: mc2, toxigen: nontoxic; sweep.task_selection_metrics)
+    select_by: str = "auto"
     kl_budget: float | None = 0.1  # nats/token on validation documents; None: no budget
-    sweep_questions: int = 40  # per fold: validation questions that score the grid points (0: all)
-    sweep_docs: int = 20  # validation documents for the grid points' KL, in all (split across folds)
+    sweep_questions: int | str = "auto"  # per fold: validation questions that score the grid points (0: all)
+    sweep_docs: int | str = "auto"  # validation documents for the grid points' KL, in all (across folds)
     sweep_tokens: int = 64  # tokens per document for the grid points' KL (validation and frontier)
-    frontier_questions: int = 40  # per fold: test questions that score every grid point (0: no frontier)
+    frontier_questions: int | str = "auto"  # per fold: test questions that score every grid point (0: none)
     # gated policies' vote threshold calibrated on validation answers (None: as fitted on bank texts;
     # "auto": 0.3 where the task calibrates gates (TruthfulQA), else None)
     max_false_flag_rate: float | str | None = "auto"
@@ -109,10 +125,20 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
+        task_sizes = task_class(self.dataset).auto_sizes if self.dataset in TASKS else {}
+        limit = self.limit if _is_int(self.limit) and self.limit is not None and self.limit >= 1 else None
+        for name, (full, divisor, floor) in AUTO_SIZES.items():
+            if getattr(self, name) == "auto":
+                full = task_sizes.get(name, full)  # a task whose samples cost more sets its own size
+                setattr(self, name, full if limit is None else min(full, max(floor, limit // divisor)))
         self.kappa_grid = tuple(self.kappa_grid)
         if self.max_false_flag_rate == "auto":  # the default where the task can calibrate its gates
             calibrates = self.dataset in TASKS and task_class(self.dataset).calibrates_gates
             self.max_false_flag_rate = DEFAULT_MAX_FALSE_FLAG_RATE if calibrates else None
+        if self.select_by == "auto":  # the task's default validation score
+            from otguard.harness.sweep import task_selection_metrics
+
+            self.select_by = task_selection_metrics(self.dataset)[0]
         if self.transfer is None:
             self.transfer = ()
         elif isinstance(self.transfer, str):
@@ -190,13 +216,14 @@ class CompareConfig:
         return out
 
     def _sweep_problems(self) -> list[str]:
-        from otguard.harness.sweep import SELECTION_METRICS
+        from otguard.harness.sweep import task_selection_metrics
 
         out = []
         if not isinstance(self.sweep, bool):
             out.append(f"sweep must be true or false; got {self.sweep!r}")
-        if self.select_by not in SELECTION_METRICS:
-            out.append(f"select_by must be one of {', '.join(SELECTION_METRICS)}; got {self.select_by!r}")
+        scores = task_selection_metrics(self.dataset)  # the scores the dataset's task computes
+        if self.select_by not in scores:
+            out.append(f"select_by must be one of {', '.join(scores)}; got {self.select_by!r}")
         if self.kl_budget is not None and not (_is_real(self.kl_budget) and self.kl_budget > 0):
             out.append(f"kl_budget must be a number > 0 (nats per token) or None; got {self.kl_budget!r}")
         rate = self.max_false_flag_rate

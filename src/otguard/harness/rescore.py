@@ -23,6 +23,26 @@ from otguard.results import MetricSummary, RunResults
 __all__ = ["rescore_toxicity"]
 
 _KINDS = ("hate", "neutral")
+# The sweeps' figures that the scorer made (the grid points' continuations are not saved, so they cannot
+# be rescored): validation non-toxicity, and the frontier's mean toxicities.
+_SCORED_SWEEP_KEYS = ("nontoxic", "tox_mean", "neutral_tox_mean")
+
+
+def _drop_stale_sweep_figures(results: RunResults, old_scorer: Any) -> None:
+    """Drop the frontier's scorer-made figures (test side and the reference line): they would mix the old
+    scorer's numbers into a run that names the new one. The validation figures stay, because they are
+    what chose each operating point; ``selection.scored_by`` says which scorer made them."""
+    for entry in results.methods.values():
+        for point in entry.sweep or []:
+            for test in [point.test, *(f.test for f in point.folds)]:
+                for key in _SCORED_SWEEP_KEYS:
+                    test.pop(key, None)
+    if results.selection is not None:
+        reference = results.selection.extra.get("reference")
+        if isinstance(reference, dict):
+            for key in _SCORED_SWEEP_KEYS:
+                reference.pop(key, None)
+        results.selection.extra["scored_by"] = old_scorer
 
 
 def _scorers(results: RunResults, folds: list[int], scorer: str, data_dir: str | None) -> dict[int, Any]:
@@ -137,6 +157,8 @@ def rescore_toxicity(
         for key, vals in values.items():
             # the file's own std convention; the new scores have no paired intervals (delta_vs_none)
             entry.metrics[key] = MetricSummary.of(vals, ddof=results.std_ddof)
+    old_scorer = results.config.get("judge")
+    _drop_stale_sweep_figures(results, old_scorer)
     results.config["judge"] = name
     results.config["rescored_from"] = str(src.resolve())
     results.judges = {

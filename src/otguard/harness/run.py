@@ -229,8 +229,7 @@ class CompareRun:
         self.val_docs: list[str] = []
         if not cfg.drift_source:
             return []
-        n_docs = min(cfg.drift_docs, max(10, cfg.limit // 4)) if cfg.limit else cfg.drift_docs
-        n_val = min(cfg.sweep_docs, max(10, cfg.limit // 4)) if cfg.limit else cfg.sweep_docs
+        n_docs, n_val = int(cfg.drift_docs), int(cfg.sweep_docs)  # scaled with --limit by the configuration
         try:
             every = load_documents(cfg.drift_source)
             docs = sample_documents(every, n_docs, seed=cfg.seed)
@@ -371,7 +370,7 @@ class CompareRun:
         if not swept:
             return
         points = _grid_points(swept)
-        n_docs = max(1, cfg.sweep_docs // cfg.folds)
+        n_docs = max(1, int(cfg.sweep_docs) // cfg.folds)
         with self.timer("frontier"):
             # the unsteered model on the same questions: the frontier plot's reference line
             figures = self.task.frontier({**points, _REFERENCE: None})

@@ -51,12 +51,28 @@ __all__ = [
     "select_point",
     "selection_record",
     "split_variant",
+    "task_selection_metrics",
     "validation_documents",
 ]
 
 PAPER = "paper"
-#: Validation scores the rule can maximise (all "higher is better").
-SELECTION_METRICS = ("mc2", "true", "true_x_info")
+#: TruthfulQA's validation scores (the first is its default).
+TRUTHFULQA_SELECTION = ("mc2", "true", "true_x_info")
+#: Validation scores the rule can maximise (all "higher is better"); ``nontoxic`` is the toxicity task's
+#: (1 − mean toxicity of sampled continuations, :mod:`otguard.harness.toxicity_sweep`).
+SELECTION_METRICS = (*TRUTHFULQA_SELECTION, "nontoxic")
+
+
+def task_selection_metrics(dataset: str) -> tuple[str, ...]:
+    """The validation scores ``dataset``'s task computes (its ``selection_metrics``; TruthfulQA's for a
+    task without one); the first is ``select_by="auto"``'s choice."""
+    from otguard.harness.registry import TASKS, task_class
+
+    if dataset not in TASKS:
+        return TRUTHFULQA_SELECTION
+    return tuple(getattr(task_class(dataset), "selection_metrics", TRUTHFULQA_SELECTION))
+
+
 _TIE = 1e-12
 
 
@@ -287,7 +303,8 @@ def fit_grid(
         layers = list(first.meta.get("candidate_layers") or [])
         if len(layers) > 1:
             grid = [{**grid[0], "layers": [int(layer)], "layer_sweep": 1} for layer in layers]
-            metric = "true_x_info"
+            # the task's generation-based score (TruthfulQA: True×Info; toxicity: non-toxicity)
+            metric = "true_x_info" if metric in TRUTHFULQA_SELECTION else metric
         else:
             return FoldSweep(method_id, metric, grid, [first])
     policies = method.fit_grid(acts, split.train, split.val, grid)
@@ -297,7 +314,7 @@ def fit_grid(
 def selection_record(config: CompareConfig) -> dict[str, Any]:
     """The selection rule as ``results.json`` records it (run level)."""
     budget = config.kl_budget
-    return {
+    record = {
         "metric": config.select_by,
         "kl_budget": budget,
         "kl_on": "validation documents (disjoint from the test documents)",
@@ -312,8 +329,8 @@ def selection_record(config: CompareConfig) -> dict[str, Any]:
         "frontier": (
             "every grid point, the chosen one included, on a seeded sample of up to "
             f"{config.frontier_questions} test questions per fold (MC and judged answers) and KL on "
-            f"{max(1, config.sweep_docs // config.folds)} test documents per fold ({config.sweep_tokens} "
-            "tokens each); the method rows use every test question and document"
+            f"{max(1, int(config.sweep_docs) // config.folds)} test documents per fold "
+            f"({config.sweep_tokens} tokens each); the method rows use every test question and document"
         ),
         "rule": (
             f"per fold, the grid point with the highest validation {config.select_by.upper()} among those "
@@ -322,3 +339,10 @@ def selection_record(config: CompareConfig) -> dict[str, Any]:
             "RADIANT@paper keeps its layer by validation True×Info of generated answers (its own rule)."
         ),
     }
+    # a task whose validation items are not questions describes them itself (the toxicity task)
+    from otguard.harness.registry import TASKS, task_class
+
+    texts = getattr(task_class(config.dataset), "selection_texts", None) if config.dataset in TASKS else None
+    if texts is not None:
+        record.update(texts(config))
+    return record

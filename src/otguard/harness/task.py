@@ -194,6 +194,9 @@ class Task(ABC):
     supports_sweep: ClassVar[bool] = False
     #: Whether the task can calibrate gates at the point of use (``calibrate_gates``).
     calibrates_gates: ClassVar[bool] = False
+    #: The task's full-run values of the configuration's ``"auto"`` sample sizes, where they differ
+    #: from :data:`otguard.harness.config.AUTO_SIZES` (``--limit`` still scales them down).
+    auto_sizes: ClassVar[dict[str, int]] = {}
 
     def validate(
         self, points: dict[str, Policy | None], metrics: dict[str, str]

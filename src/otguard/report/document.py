@@ -297,19 +297,22 @@ def _sweep_blocks(results: RunResults, plots: Mapping[str, Path | None]) -> list
         Block("p", intro + (f" Selection rule: {rule}" if rule else "")),
     ]
     blocks.append(Block("h3", "Trade-off frontier"))
+    toxicity = results.task == "toxicity"
     if plots.get(FRONTIER_PNG) is not None:
-        blocks.append(Block("img", FRONTIER_PNG, alt="Test truthfulness versus test KL for every grid point"))
+        what = "mean toxicity" if toxicity else "truthfulness"
+        blocks.append(Block("img", FRONTIER_PNG, alt=f"Test {what} versus test KL for every grid point"))
         blocks.append(
             Block(
                 "p",
                 "One curve per swept method through its grid points (sorted by KL); a star marks a point "
                 "chosen on validation in some fold, a hollow marker a point over the KL budget; none is "
                 "the dashed line, the paper-default rows are crosses and other methods run at one setting "
-                "diamonds. Up and to the left is better.",
+                f"diamonds. {'Down' if toxicity else 'Up'} and to the left is better.",
             )
         )
     else:
-        blocks.append(Block("p", "Skipped: no grid point has both a test MC2 (or True) and a test KL."))
+        needed = "a test mean toxicity" if toxicity else "a test MC2 (or True)"
+        blocks.append(Block("p", f"Skipped: no grid point has both {needed} and a test KL."))
     for y, x in FRONTIER_PANELS:
         header, rows = pareto_table(results, y, x)
         if not header:

@@ -24,6 +24,7 @@ __all__ = [
     "FrontierPoint",
     "frontier_panels",
     "frontier_points",
+    "is_finite",
     "pareto_front",
     "pareto_table",
     "params_text",
@@ -32,9 +33,12 @@ __all__ = [
     "sweep_table",
 ]
 
-#: The frontier's panels as (y, x) metric ids: truthfulness against the side effect it costs.
-FRONTIER_PANELS: tuple[tuple[str, str], ...] = (("mc2", "kl"), ("true", "kl"))
+#: The frontier's panels as (y, x) metric ids: truthfulness (TruthfulQA) or mean toxicity (toxicity,
+#: lower is better) against the side effect it costs; a run draws the panels its grid points have.
+FRONTIER_PANELS: tuple[tuple[str, str], ...] = (("mc2", "kl"), ("true", "kl"), ("tox_mean", "kl"))
 _UNITS = {"kl": "nats", "ce": "nats"}
+#: Metrics only the sweeps have (no catalogue entry): their label and direction.
+_SWEEP_ONLY = {"nontoxic": ("Non-toxicity (1 − mean toxicity)", True)}
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,12 @@ class FrontierPoint:
 def sweep_metric(results: RunResults, metric_id: str) -> Metric:
     """The catalogue's metric, or (for an id only the sweeps have) one named by its id."""
     found = next((m for m in metrics(results) if m.id == metric_id), None)
-    return found or Metric(metric_id, metric_id, None, "other", _UNITS.get(metric_id, ""))
+    label, higher = _SWEEP_ONLY.get(metric_id, (metric_id, None))
+    return found or Metric(metric_id, label, higher, "other", _UNITS.get(metric_id, ""))
 
 
-def _finite(value: float | None) -> bool:
+def is_finite(value: float | None) -> bool:
+    """Whether a figure was measured: not None and not NaN/inf (the frontier's and the plots' test)."""
     return value is not None and math.isfinite(value)
 
 
@@ -65,7 +71,7 @@ def frontier_points(results: RunResults, y: str, x: str) -> list[FrontierPoint]:
     for method in results.swept_methods:
         for point in results.methods[method].sweep or []:
             py, px = point.test.get(y), point.test.get(x)
-            if _finite(py) and _finite(px):
+            if is_finite(py) and is_finite(px):
                 assert py is not None and px is not None
                 out.append(
                     FrontierPoint(
@@ -117,7 +123,7 @@ def params_text(params: dict[str, Any]) -> str:
 
 
 def _cell(value: float | None, spec: Metric) -> Cell:
-    return Cell(format_stat(Stat(value, None, 1), spec.unit) if _finite(value) else MISSING)
+    return Cell(format_stat(Stat(value, None, 1), spec.unit) if is_finite(value) else MISSING)
 
 
 def _folds_text(folds: tuple[int, ...] | list[int]) -> str:
@@ -202,5 +208,6 @@ def selection_text(results: RunResults) -> str:
     text = "; ".join(facts)
     parts.append(text[0].upper() + text[1:] + ".")
     if sel.frontier_questions is not None:
-        parts.append(f"Test metrics of the grid points: {sel.frontier_questions} test questions.")
+        items = "test prompts" if results.task == "toxicity" else "test questions"
+        parts.append(f"Test metrics of the grid points: {sel.frontier_questions} {items}.")
     return " ".join(parts)

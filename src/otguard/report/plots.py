@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from otguard.io import atomic_write_bytes
-from otguard.report.frontier import frontier_panels, frontier_points, sweep_metric
+from otguard.report.frontier import frontier_panels, frontier_points, is_finite, sweep_metric
 from otguard.report.tables import (
     ResultsLike,
     Stat,
@@ -344,10 +344,6 @@ def plot_repair_harm(results: ResultsLike, path: str | os.PathLike[str]) -> Path
 _BASELINE = "none"
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | None:
     """Test truthfulness against test KL for every grid point of every swept method; None (nothing
     written) when no method has a sweep with both metrics.
@@ -384,14 +380,14 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
         for method in res.method_ids:
             if method in swept:
                 continue
-            if method == _BASELINE and _finite(reference.get(y)):
+            if method == _BASELINE and is_finite(reference.get(y)):
                 # the unsteered model on the frontier's own questions, when the run measured it
                 lines.append((method, ky * float(reference[y])))
                 continue
             sy, sx = res.summary(method, y), res.summary(method, x)
-            if sy is None or not _finite(sy.mean):
+            if sy is None or not is_finite(sy.mean):
                 continue
-            if method == _BASELINE or sx is None or not _finite(sx.mean):
+            if method == _BASELINE or sx is None or not is_finite(sx.mean):
                 lines.append((method, ky * float(sy.mean or 0.0)))
             else:
                 markers.append((method, kx * float(sx.mean or 0.0), ky * float(sy.mean or 0.0)))
@@ -451,7 +447,7 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
                 lw=1.0,
                 zorder=1,
                 label=f"{method_label(method)} (unsteered, same questions)"
-                if method == _BASELINE and _finite(reference.get(y))
+                if method == _BASELINE and is_finite(reference.get(y))
                 else f"{method_label(method)} (unsteered)"
                 if method == _BASELINE
                 else method_label(method),
