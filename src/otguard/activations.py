@@ -8,8 +8,13 @@ attention mask, and position ids are derived from it).
 
 Results are cached under ``<cache>/activations/<key>/`` where the key hashes the model
 fingerprint, the data fingerprint (texts, labels, groups: so a template change invalidates it),
-the positions rule and the storage dtype. Writes go to a temporary folder renamed at the end:
-an interrupted run leaves no half-written cache.
+the positions rule and the storage dtype (and the context prefix, when one is given). Writes go to
+a temporary folder renamed at the end: an interrupted run leaves no half-written cache.
+
+With ``prefix`` (e.g. the TruthfulQA instruction + six-shot primer that generation puts in front of
+every question), each text is read *in that context*: the string ``prefix + text`` is tokenized as a
+whole, as the generation and gate code tokenize it, the prefix runs once and its KV cache is shared
+(expanded, not copied) by every batch, and the activations are still those of the text's own tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from otguard.decoding import cache_kwarg, fork_cache, output_cache
 from otguard.errors import DataError, UsageError
 from otguard.io import atomic_dir, package_version, remove_stale_temps
 from otguard.models import cache_dir as default_cache_dir
@@ -159,10 +165,16 @@ def _hash_texts(texts: Sequence[str], labels: np.ndarray, groups: np.ndarray) ->
 
 
 def cache_key(
-    identity: ModelIdentity, data_fingerprint: str, positions: str, dtype: str, max_length: int | None
+    identity: ModelIdentity,
+    data_fingerprint: str,
+    positions: str,
+    dtype: str,
+    max_length: int | None,
+    prefix: str | None = None,
 ) -> str:
-    """Hash of everything that determines the activations."""
-    payload = {
+    """Hash of everything that determines the activations (the prefix only when there is one, so the
+    keys of prefix-free collections stay what they were)."""
+    payload: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "model": identity.fingerprint(),
         "data": data_fingerprint,
@@ -170,6 +182,8 @@ def cache_key(
         "dtype": dtype,
         "max_length": max_length,
     }
+    if prefix is not None:
+        payload["prefix"] = hashlib.sha256(prefix.encode()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -205,6 +219,7 @@ def collect(
     max_batch_tokens: int | None = MAX_BATCH_TOKENS,
     cache: bool | str | os.PathLike[str] = True,
     progress: bool = True,
+    prefix: str | None = None,
 ) -> ActivationSet:
     """Per-head activations ``(N, L, H, d)`` of ``data`` at the output-projection input.
 
@@ -218,6 +233,15 @@ def collect(
     ``max_batch_tokens`` caps the padded tokens of a batch (rows x longest row), so long texts run in
     small batches (a text longer than the cap runs alone); ``None`` = rows only. Results do not
     depend on it. A cache entry that cannot be read is reported, removed and recomputed.
+
+    ``prefix``: a context read before every text (e.g. ``otguard.prompts.qa_prefix()`` with the
+    ``context="generation"`` TruthfulQA bank, so probes are trained where the gate runs). ``prefix +
+    text`` is tokenized as one string (trailing special tokens such as an EOS dropped, as at the point
+    of use); the activations are those of the text's tokens (``"last"``: its last token, ``"mean"``: the
+    mean over its tokens). The prefix's KV cache is computed once and shared by every batch; a text
+    whose tokenization does not start with the prefix's tokens (a tokenizer merging across the
+    boundary) runs whole, its text starting at the first token that differs. ``max_length`` then
+    counts the text's tokens; prefix + text must fit in the model's context.
     """
     if positions not in ("last", "mean"):
         raise UsageError(f"positions must be 'last' or 'mean', got {positions!r}.")
@@ -233,6 +257,8 @@ def collect(
         isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
     ):
         raise UsageError(f"max_batch_tokens must be an integer >= 1 or None, got {max_batch_tokens!r}.")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix):
+        raise UsageError(f"prefix must be a non-empty string or None, got {prefix!r}.")
     texts, labels, groups, name, data_fp = _as_dataset(data)
     if not texts:
         raise DataError("collect() got no texts.")
@@ -244,7 +270,7 @@ def collect(
             f"{context}."
         )
     identity = model_identity(model, sites)
-    key = cache_key(identity, data_fp, positions, dtype, max_length)
+    key = cache_key(identity, data_fp, positions, dtype, max_length, prefix)
     cache_path: Path | None = None
     if cache:
         root = default_cache_dir(None if cache is True else cache)
@@ -255,10 +281,15 @@ def collect(
             logger.info("Activations for %s loaded from cache %s", name, cache_path)
             return cached
 
-    encoded = _encode(tokenizer, texts, max_length, context)
-    acts = _run(
-        model, tokenizer, sites, encoded, positions, batch_size, _DTYPES[dtype], max_batch_tokens, progress
-    )
+    store, rows_cap = _DTYPES[dtype], max_batch_tokens
+    if prefix is None:
+        encoded = _encode(tokenizer, texts, max_length, context)
+        acts = _run(model, tokenizer, sites, encoded, positions, batch_size, store, rows_cap, progress)
+    else:
+        prefix_ids, rows = _encode_in_context(tokenizer, prefix, texts, max_length, context)
+        acts = _run_in_context(
+            model, tokenizer, sites, prefix_ids, rows, positions, batch_size, store, rows_cap, progress
+        )
     meta = {
         "model": identity.to_dict(),
         "model_fingerprint": identity.fingerprint(),
@@ -270,6 +301,8 @@ def collect(
         "cache_key": key,
         "otguard_version": package_version(),
     }
+    if prefix is not None:
+        meta["prefix"] = prefix
     result = ActivationSet(acts, torch.from_numpy(labels.copy()), torch.from_numpy(groups.copy()), meta)
     if cache_path is not None:
         result.save(cache_path)
@@ -393,4 +426,146 @@ def _run(
             base(**kwargs)
             out[torch.as_tensor(idx)] = state["buf"].cpu()
             bar.update(len(idx))
+    return out
+
+
+@dataclass(frozen=True)
+class _ContextRow:
+    """One text in context: the tokens to run, whether they run on the shared prefix cache, and where
+    the text's own tokens start among them."""
+
+    ids: list[int]
+    on_prefix: bool  # True: ``ids`` are the text's tokens after the prefix's; False: the whole string
+    start: int  # first text token in ``ids`` (0 when on the prefix cache)
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _encode_in_context(
+    tokenizer: Any, prefix: str, texts: list[str], max_length: int | None, context: int | None
+) -> tuple[list[int], list[_ContextRow]]:
+    """The prefix's ids and, per text, the ids of ``prefix + text`` tokenized as one string, split at the
+    prefix (see :func:`collect`)."""
+    specials = set(getattr(tokenizer, "all_special_ids", None) or ())
+    prefix_ids = list(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+    while len(prefix_ids) > 1 and prefix_ids[-1] in specials:  # nor is an EOS after the prefix
+        prefix_ids.pop()
+    P = len(prefix_ids)
+    rows: list[_ContextRow] = []
+    merged = 0
+    for i, full in enumerate(tokenizer([prefix + t for t in texts], add_special_tokens=True)["input_ids"]):
+        full = list(full)
+        while len(full) > P and full[-1] in specials:  # an EOS appended by the tokenizer is not text
+            full.pop()
+        if full[:P] == prefix_ids:
+            row = _ContextRow(full[P:], True, 0)
+        else:
+            merged += 1
+            row = _ContextRow(full, False, _common_prefix_len(full, prefix_ids))
+        n_text = len(row.ids) - row.start
+        if n_text <= 0:
+            raise DataError(
+                f"Text {i} adds no token after the prefix ({texts[i][:40]!r}); remove empty texts."
+            )
+        if max_length is not None and n_text > max_length:
+            row = _ContextRow(row.ids[: row.start + max_length], row.on_prefix, row.start)
+        total = len(row.ids) + (P if row.on_prefix else 0)
+        if context is not None and total > context:
+            raise DataError(
+                f"Text {i} with the prefix is {total} tokens, longer than the model's context of {context} "
+                f"({texts[i][:40]!r}...). Use a shorter prefix, or cut every text to its first N tokens "
+                f"(command line: --max-length N; Python: max_length=N) with N <= {max(context - P, 1)}."
+            )
+        rows.append(row)
+    if merged:
+        logger.info("%d of %d texts merge tokens across the prefix boundary; they run whole (no prefix "
+                    "cache).", merged, len(texts))  # fmt: skip
+    return prefix_ids, rows
+
+
+def _run_in_context(
+    model: Any,
+    tokenizer: Any,
+    sites: Any,
+    prefix_ids: list[int],
+    rows: list[_ContextRow],
+    positions: str,
+    batch_size: int,
+    out_dtype: torch.dtype,
+    max_batch_tokens: int | None,
+    progress: bool,
+) -> torch.Tensor:
+    """:func:`_run` for texts after a prefix: right-padded batches on forks of the prefix's KV cache (rows
+    that merge across the boundary run whole), activations read at the text's own tokens."""
+    N, L, H, d = len(rows), sites.n_layers, sites.n_heads, sites.head_dim
+    out = torch.empty((N, L, H, d), dtype=out_dtype)
+    base = getattr(model, "base_model", model)
+    device = next(model.parameters()).device
+    pass_positions = _accepts(base.forward, "position_ids")
+    cache_name = cache_kwarg(base)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    P = len(prefix_ids)
+    prefix_cache = None
+    if any(r.on_prefix for r in rows):  # before the hooks: the prefix's own activations are not wanted
+        prefix_cache = output_cache(base(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True))
+    state: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]  # (B, T, H*d): the batch's new tokens only
+            if positions == "last":
+                picked = x[state["rows"], state["last"]]
+            else:
+                m = state["span"].unsqueeze(-1).to(x.dtype)
+                picked = (x * m).sum(1) / m.sum(1)
+            state["buf"][:, layer] = picked.view(-1, H, d).to(out_dtype)
+
+        return hook
+
+    on_prefix = [i for i, r in enumerate(rows) if r.on_prefix]
+    whole = [i for i, r in enumerate(rows) if not r.on_prefix]
+    batches: list[np.ndarray] = []
+    for group, past in ((on_prefix, P), (whole, 0)):
+        lengths = [past + len(rows[i].ids) for i in group]
+        if group:
+            batches += [np.asarray(group)[b] for b in _batches(lengths, batch_size, max_batch_tokens)]
+    with ExitStack() as stack:
+        for layer, module in enumerate(sites.modules):
+            handle = module.register_forward_pre_hook(make_hook(layer))
+            stack.callback(handle.remove)
+        bar = tqdm(total=N, desc="collect", unit="text", disable=not progress)
+        stack.callback(bar.close)
+        for idx in batches:
+            batch = [rows[i] for i in idx]
+            past = P if batch[0].on_prefix else 0
+            B, T = len(batch), max(len(r.ids) for r in batch)
+            ids = torch.full((B, T), pad, dtype=torch.long)
+            mask = torch.zeros((B, past + T), dtype=torch.long)
+            span = torch.zeros((B, T), dtype=torch.bool)
+            for b, r in enumerate(batch):
+                ids[b, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+                mask[b, : past + len(r.ids)] = 1
+                span[b, r.start : len(r.ids)] = True
+            n_tokens = torch.tensor([len(r.ids) for r in batch])
+            state["rows"] = torch.arange(B, device=device)
+            state["last"] = (n_tokens - 1).to(device)
+            state["span"] = span.to(device)
+            state["buf"] = torch.empty((B, L, H, d), dtype=out_dtype, device=device)
+            kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if pass_positions:
+                kwargs["position_ids"] = torch.arange(past, past + T, device=device).expand(B, T)
+            if past:
+                kwargs[cache_name] = fork_cache(prefix_cache, B)
+                kwargs["use_cache"] = True
+            else:
+                kwargs["use_cache"] = False
+            base(**kwargs)
+            out[torch.as_tensor(idx)] = state["buf"].cpu()
+            bar.update(B)
     return out

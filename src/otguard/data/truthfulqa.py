@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,12 +26,16 @@ from otguard.data._base import DATA_DIR_ENV, TextDataset, require_file, resolve_
 from otguard.data.qa import QAItem, normalize_question, qa_items_from_csv
 from otguard.errors import DataError
 
-__all__ = ["DEFAULT_TEMPLATE", "HUB_DATASET", "truthfulqa_items", "truthfulqa_mc2"]
+__all__ = ["DEFAULT_TEMPLATE", "GENERATION_TEMPLATE", "HUB_DATASET", "truthfulqa_items", "truthfulqa_mc2"]
 
 logger = logging.getLogger(__name__)
 
 #: Text fed to the model for one (question, answer) pair, exactly as in RADIANT/SLIM (docs/method.md §1.1).
 DEFAULT_TEMPLATE = "Q: {question} A: {answer}"
+#: The same pair as generation reads it (``context="generation"``): what follows the instruction + primer
+#: prefix (``otguard.prompts.qa_prefix()``) in the generation prompt ``qa_prompt(question)``, then the
+#: answer as the gate teacher-forces it (``" " + answer.strip()``).
+GENERATION_TEMPLATE = "\n\nQ: {question}\nA: {answer}"
 #: Hugging Face Hub copy used when no local data folder is given.
 HUB_DATASET = "truthfulqa/truthful_qa"
 
@@ -175,7 +179,10 @@ def _check_template(template: str) -> None:
 
 
 def truthfulqa_mc2(
-    data_dir: str | os.PathLike[str] | None = None, *, template: str = DEFAULT_TEMPLATE
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    context: Literal["bank", "generation"] = "bank",
 ) -> TextDataset:
     """TruthfulQA MC2 (question, answer) pairs: the texts whose activations train the probes.
 
@@ -186,7 +193,17 @@ def truthfulqa_mc2(
     which 3,369 are false.
 
     ``data_dir=None`` falls back to ``$OTGUARD_DATA_DIR``, then to the Hub (needs ``datasets``).
+
+    ``context="generation"``: the texts are :data:`GENERATION_TEMPLATE` (answers stripped), the part of
+    the generation prompt + answer after the shared prefix, for probes trained where the gate runs:
+    collect them with that prefix, ``collect(model, tok, data, prefix=otguard.prompts.qa_prefix())``,
+    and ``qa_prefix() + text`` is exactly the gate's teacher-forced string. Same rows, labels and
+    groups as the bank, so folds and splits carry over; the name is ``truthfulqa-mc2-generation``.
     """
+    if context not in ("bank", "generation"):
+        raise DataError(f"context must be 'bank' or 'generation', got {context!r}.")
+    if context == "generation" and template != DEFAULT_TEMPLATE:
+        raise DataError("context='generation' fixes the text format; leave template at its default.")
     _check_template(template)
     entries, _ = _load_mc(resolve_data_dir(data_dir))
     texts: list[str] = []
@@ -194,11 +211,14 @@ def truthfulqa_mc2(
     groups: list[int] = []
     for g, entry in enumerate(entries):
         for answer, truth in entry.mc2:
-            texts.append(template.format(question=entry.question, answer=answer))
+            if context == "generation":
+                texts.append(GENERATION_TEMPLATE.format(question=entry.question, answer=answer.strip()))
+            else:
+                texts.append(template.format(question=entry.question, answer=answer))
             labels.append(1 - truth)
             groups.append(g)
     return TextDataset(
-        name="truthfulqa-mc2",
+        name="truthfulqa-mc2" if context == "bank" else "truthfulqa-mc2-generation",
         texts=tuple(texts),
         labels=np.asarray(labels, dtype=np.int64),
         groups=np.asarray(groups, dtype=np.int64),
