@@ -116,15 +116,15 @@ def test_side_samples_scale_with_limit_unless_given() -> None:
     }  # fmt: skip
     quick = CompareConfig(limit=100)  # max(floor, 100 // divisor), never above the full run's value
     assert {k: getattr(quick, k) for k in AUTO_SIZES} == {
-        "transfer_questions": 25, "drift_docs": 20, "gate_questions": 20, "sweep_questions": 25,
-        "sweep_docs": 10, "frontier_questions": 10,
+        "transfer_questions": 12, "drift_docs": 10, "gate_questions": 10, "sweep_questions": 25,
+        "sweep_docs": 10, "frontier_questions": 5,
     }  # fmt: skip
     assert CompareConfig(limit=4).sweep_docs == 2 and CompareConfig(limit=4000).transfer_questions == 200
     given = CompareConfig(limit=100, frontier_questions=40, transfer_questions=0)  # explicit: kept
     assert (given.frontier_questions, given.transfer_questions) == (40, 0)
-    assert quick.to_dict()["frontier_questions"] == 10  # the record holds the numbers used
+    assert quick.to_dict()["frontier_questions"] == 5  # the record holds the numbers used
     args = cli.build_parser().parse_args(["compare", "--out", "x", "--limit", "100"])
-    assert cli_compare._compare_config(args).frontier_questions == 10
+    assert cli_compare._compare_config(args).frontier_questions == 5
 
 
 def test_cli_defaults_come_from_the_dataclass() -> None:

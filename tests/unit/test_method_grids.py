@@ -275,21 +275,21 @@ def test_mean_shift_bad_values_are_config_errors() -> None:
 
 
 def test_default_grids_exact_values_on_smollm2() -> None:
-    iti = [{"head_share": s, "strength": a} for s in (0.02, 0.05) for a in (2.0, 8.0)]
+    iti = [{"head_share": 0.05, "strength": a} for a in (2.0, 8.0)]
     assert default_grid("iti", 30, 9) == iti
-    assert default_grid("mean-shift", 30, 9) == [{"strength": s} for s in (0.5, 1.0, 2.0)]
-    assert default_grid("radiant", 30, 9) == [{"margin": m} for m in (1.0, 4.0, 15.0)]
+    assert default_grid("mean-shift", 30, 9) == [{"strength": s} for s in (0.5, 2.0)]
+    assert default_grid("radiant", 30, 9) == [{"margin": m} for m in (4.0, 15.0, 40.0)]
     assert default_grid("slim", 30, 9) == [{"kappa": k} for k in (5.0, 20.0, 40.0)]
     assert default_grid("none", 30, 9) == [{}]
     assert default_grid("radiant@paper", 30, 9) == [PAPER_PARAMS["radiant"]]
 
 
-@pytest.mark.parametrize(("n_layers", "n_heads", "ks"), [(30, 9, [5, 14]), (32, 32, [20, 51]), (2, 4, [1]),
+@pytest.mark.parametrize(("n_layers", "n_heads", "ks"), [(30, 9, [14]), (32, 32, [51]), (2, 4, [1]),
                                                           (4, 6, [1])])  # fmt: skip
 def test_iti_default_grid_scales_with_the_model(n_layers: int, n_heads: int, ks: list[int]) -> None:
-    """K follows the model; shares that give the same K on a small model are kept once."""
+    """K follows the model (5 % of all heads, at least one)."""
     grid = default_grid("iti", n_layers, n_heads)
-    assert len(grid) == 2 * len(ks) <= 4
+    assert len(grid) == 2 * len(ks) == 2
     got = sorted({heads_from_share(p["head_share"], n_layers, n_heads) for p in grid})
     assert got == ks
     for point in grid:
@@ -363,7 +363,7 @@ def test_grids_and_registry_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'; print(len(g), v)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "4 ('slim', 'paper')"
+    assert out.stdout.strip() == "2 ('slim', 'paper')"
 
 
 # ---------------------------------------------------------------- RADIANT's layer sweep

@@ -121,4 +121,4 @@ def test_radiant_as_published_sweeps_its_candidate_layers_by_true_x_info() -> No
     # the plain method is swept over its margins by the common rule
     plain = fit_grid(CompareConfig(methods=("none", "radiant"), method_params={"radiant": {"epochs": 30}}),
                      "radiant", acts, split, False)  # fmt: skip
-    assert plain.metric == "mc2" and [p["margin"] for p in plain.params] == [1.0, 4.0, 15.0]
+    assert plain.metric == "mc2" and [p["margin"] for p in plain.params] == [4.0, 15.0, 40.0]

@@ -32,12 +32,12 @@ DEFAULT_MAX_FALSE_FLAG_RATE = 0.3
 #: toxicity samples continuations, so its grid points cost more per prompt). An explicit number is
 #: always used as given.
 AUTO_SIZES: dict[str, tuple[int, int, int]] = {
-    "transfer_questions": (200, 4, 1),  # per transfer set, in all
-    "drift_docs": (100, 5, 4),  # in all
-    "gate_questions": (60, 5, 4),  # per fold
+    "transfer_questions": (200, 8, 1),  # per transfer set, in all
+    "drift_docs": (100, 10, 4),  # in all
+    "gate_questions": (60, 10, 4),  # per fold
     "sweep_questions": (40, 4, 4),  # per fold
     "sweep_docs": (20, 10, 2),  # in all
-    "frontier_questions": (40, 10, 4),  # per fold
+    "frontier_questions": (40, 20, 4),  # per fold
 }
 #: ``--judge`` kinds (before any ``:argument``).
 JUDGE_KINDS = ("learned", "sem", "bleu", "rouge", "rougel", "rouge-l", "rouge_l", "openai")

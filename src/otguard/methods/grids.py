@@ -8,22 +8,23 @@ method with its published settings instead (:data:`PAPER_PARAMS`).
 
 Why these values:
 
-- **ITI**: K as a share of all L·H heads (``head_share`` 2 % and 5 %; the paper's K = 48 is 4.7 % of
-  LLaMA-7B's 1,024 heads, but 18 % of SmolLM2-135M's 270) times α ∈ {2, 8}. α is in standard
-  deviations of each head's projection; the paper's α = 15 on 18 % of SmolLM2's heads raised the
-  cross-entropy from 3.50 to 7.63 nats (issue 12), so the grid starts well below it (α = 2 barely moves
-  the model) and stops at 8, near the paper's operating point at a paper-like share. Shares that give
-  the same K on a small model are kept once, so the grid shrinks with the model.
-- **mean shift**: strength 0.5-2 times the class-mean difference (1 = move the undesirable mean onto
+- **ITI**: K as a share of all L·H heads (``head_share`` 5 %: the paper's K = 48 is 4.7 % of LLaMA-7B's
+  1,024 heads, but 18 % of SmolLM2-135M's 270) times α ∈ {2, 8}. α is in standard deviations of each
+  head's projection; the paper's α = 15 on 18 % of SmolLM2's heads raised the cross-entropy from 3.50
+  to 7.63 nats (issue 12), so the grid starts well below it (α = 2: KL 0.065 on SmolLM2, within the
+  default budget) and stops at 8 (KL 0.86: past it), so the frontier spans the budget. A 2 % share was
+  in the grid until the full run showed it never chosen and never on the frontier's better side.
+- **mean shift**: strength 0.5 or 2 times the class-mean difference (1 = move the undesirable mean onto
   the desirable one).
 - **RADIANT**: the margin α puts the transported mean about α desirable-class standard deviations past
-  the probe's boundary (docs/method.md §9.5), an ITI-like strength; 1 is a gentle repair, 15 the
-  paper's LLaMA-7B value.
+  the probe's boundary (docs/method.md §9.5), an ITI-like strength; 4 is a gentle repair, 15 the
+  paper's LLaMA-7B value, 40 beyond it: the full run chose 15, the largest point then, at KL 0.034,
+  a third of the budget, so the grid reaches further (margin 1 was never chosen there).
 - **SLIM**: κ ∈ {5, 20, 40} from the Stage-3 grid (κ only rescales the edit: one fit, see
   ``Policy.with_kappa``).
 
-Each grid has at most four points: every point costs a validation pass and a frontier pass of
-``otguard compare`` (about 13 points in all on SmolLM2; see the README's budget figures).
+Each grid has two or three points: every point costs a validation pass and a frontier pass of
+``otguard compare`` (10 points in all; see the README's budget figures).
 
 This module imports no torch, so the CLI can check grids and method ids quickly.
 """
@@ -49,10 +50,10 @@ __all__ = [
     "parse_variant",
 ]
 
-ITI_HEAD_SHARES: tuple[float, ...] = (0.02, 0.05)
+ITI_HEAD_SHARES: tuple[float, ...] = (0.05,)
 ITI_STRENGTHS: tuple[float, ...] = (2.0, 8.0)
-MEAN_SHIFT_STRENGTHS: tuple[float, ...] = (0.5, 1.0, 2.0)
-RADIANT_MARGINS: tuple[float, ...] = (1.0, 4.0, 15.0)
+MEAN_SHIFT_STRENGTHS: tuple[float, ...] = (0.5, 2.0)
+RADIANT_MARGINS: tuple[float, ...] = (4.0, 15.0, 40.0)
 #: SLIM's swept κ (three points of the Stage-3 grid, from its gentlest to its strongest).
 SLIM_KAPPAS: tuple[float, ...] = (5.0, 20.0, 40.0)
 #: SLIM's κ grid, also Stage 3's default (:mod:`otguard.methods.stage3`).
