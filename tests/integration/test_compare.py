@@ -264,7 +264,8 @@ def test_toxicity_compare_writes_results_continuations_and_report(
     config = CompareConfig(
         dataset="toxigen", data_dir=str(data_dir), methods=methods, folds=2, batch_size=8,
         prompts_per_group=1, samples=2, continuation_tokens=4, drift_source=str(docs), drift_docs=2,
-        drift_tokens=16, method_params={m: {"epochs": 20} for m in methods[1:]},
+        drift_tokens=16, method_params={m: {"epochs": 20} for m in methods[1:]}, sweep_questions=4,
+        frontier_questions=4,  # the default grids' sweep on a few prompts (its own test checks the rule)
     )  # fmt: skip
     results = run_compare(model, tok, config, tmp_path / "out", progress=False)
     out = tmp_path / "out"
