@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from otguard.decoding import cache_kwarg, fork_cache, output_cache
+from otguard.decoding import cache_kwarg, common_prefix_len, fork_cache, output_cache
 from otguard.errors import DataError, UsageError
 from otguard.io import atomic_dir, package_version, remove_stale_temps
 from otguard.models import cache_dir as default_cache_dir
@@ -376,6 +376,24 @@ def _batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) 
     return batches
 
 
+def _grab_hook(layer: int, state: dict[str, torch.Tensor], positions: str, H: int, d: int,
+               out_dtype: torch.dtype) -> Any:  # fmt: skip
+    """The pre-hook that copies one layer's per-head input of the current batch into ``state["buf"]``:
+    at ``state["rows"], state["last"]`` (``"last"``) or averaged under ``state["mask"]`` (``"mean"``);
+    ``x`` holds the batch's new tokens (after any cached prefix)."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]  # (B, T, H*d)
+        if positions == "last":
+            picked = x[state["rows"], state["last"]]
+        else:
+            m = state["mask"].unsqueeze(-1).to(x.dtype)
+            picked = (x * m).sum(1) / m.sum(1)
+        state["buf"][:, layer] = picked.view(-1, H, d).to(out_dtype)
+
+    return hook
+
+
 def _run(
     model: Any,
     tokenizer: Any,
@@ -394,21 +412,9 @@ def _run(
     pass_positions = _accepts(base.forward, "position_ids")
     state: dict[str, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]  # (B, T, H*d)
-            if positions == "last":
-                picked = x[state["rows"], state["last"]]
-            else:
-                m = state["mask"].unsqueeze(-1).to(x.dtype)
-                picked = (x * m).sum(1) / m.sum(1)
-            state["buf"][:, layer] = picked.view(-1, H, d).to(out_dtype)
-
-        return hook
-
     with ExitStack() as stack:
         for layer, module in enumerate(sites.modules):
-            handle = module.register_forward_pre_hook(make_hook(layer))
+            handle = module.register_forward_pre_hook(_grab_hook(layer, state, positions, H, d, out_dtype))
             stack.callback(handle.remove)
         bar = tqdm(total=N, desc="collect", unit="text", disable=not progress)
         stack.callback(bar.close)
@@ -439,14 +445,6 @@ class _ContextRow:
     start: int  # first text token in ``ids`` (0 when on the prefix cache)
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _encode_in_context(
     tokenizer: Any, prefix: str, texts: list[str], max_length: int | None, context: int | None
 ) -> tuple[list[int], list[_ContextRow]]:
@@ -467,7 +465,7 @@ def _encode_in_context(
             row = _ContextRow(full[P:], True, 0)
         else:
             merged += 1
-            row = _ContextRow(full, False, _common_prefix_len(full, prefix_ids))
+            row = _ContextRow(full, False, common_prefix_len(full, prefix_ids))
         n_text = len(row.ids) - row.start
         if n_text <= 0:
             raise DataError(
@@ -516,18 +514,6 @@ def _run_in_context(
         prefix_cache = output_cache(base(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True))
     state: dict[str, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]  # (B, T, H*d): the batch's new tokens only
-            if positions == "last":
-                picked = x[state["rows"], state["last"]]
-            else:
-                m = state["span"].unsqueeze(-1).to(x.dtype)
-                picked = (x * m).sum(1) / m.sum(1)
-            state["buf"][:, layer] = picked.view(-1, H, d).to(out_dtype)
-
-        return hook
-
     on_prefix = [i for i, r in enumerate(rows) if r.on_prefix]
     whole = [i for i, r in enumerate(rows) if not r.on_prefix]
     batches: list[np.ndarray] = []
@@ -537,7 +523,7 @@ def _run_in_context(
             batches += [np.asarray(group)[b] for b in _batches(lengths, batch_size, max_batch_tokens)]
     with ExitStack() as stack:
         for layer, module in enumerate(sites.modules):
-            handle = module.register_forward_pre_hook(make_hook(layer))
+            handle = module.register_forward_pre_hook(_grab_hook(layer, state, positions, H, d, out_dtype))
             stack.callback(handle.remove)
         bar = tqdm(total=N, desc="collect", unit="text", disable=not progress)
         stack.callback(bar.close)
@@ -555,7 +541,7 @@ def _run_in_context(
             n_tokens = torch.tensor([len(r.ids) for r in batch])
             state["rows"] = torch.arange(B, device=device)
             state["last"] = (n_tokens - 1).to(device)
-            state["span"] = span.to(device)
+            state["mask"] = span.to(device)
             state["buf"] = torch.empty((B, L, H, d), dtype=out_dtype, device=device)
             kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if pass_positions:

@@ -36,6 +36,15 @@ def accepts_argument(model: Any, name: str) -> bool:
         return False
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two id sequences share (where a cached prefix stops being reusable)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def cache_kwarg(model: Any) -> str:
     """The keyword under which ``model`` (forward and ``generate``) takes the KV cache.
 

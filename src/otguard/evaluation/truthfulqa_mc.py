@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from otguard.decoding import accepts_argument, cache_kwarg, fork_cache
+from otguard.decoding import accepts_argument, cache_kwarg, common_prefix_len, fork_cache
 from otguard.errors import DataError
 from otguard.hook import attached
 from otguard.prompts import qa_prefix, qa_prompt
@@ -50,14 +50,6 @@ __all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc", "s
 # ----------------------------------------------------------------------------------- tokenization
 def _special_ids(tokenizer: Any) -> set[int]:
     return set(getattr(tokenizer, "all_special_ids", None) or ())
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _offsets_encoding(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]] | None:
@@ -102,7 +94,7 @@ def answer_span(tokenizer: Any, context: str, answer: str) -> tuple[list[int], i
     while ids and ids[-1] in specials:
         ids.pop()
     ctx = list(tokenizer(context)["input_ids"])
-    return ids, _common_prefix_len(ids, ctx)
+    return ids, common_prefix_len(ids, ctx)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -460,7 +452,7 @@ def _prepare(tokenizer: Any, item: Any, index: int, instruction: bool) -> _Quest
     cached = min(max(start, 1) for _, start in spans)
     first = spans[0][0]
     for ids, _ in spans[1:]:
-        cached = min(cached, _common_prefix_len(first, ids))
+        cached = min(cached, common_prefix_len(first, ids))
     if cached < 1:
         raise DataError(f"Question {index}: the answers' tokenizations share no token; cannot score.")
     return _Question(answers, spans, cached)
