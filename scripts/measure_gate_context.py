@@ -62,26 +62,12 @@ import torch
 from otguard.evaluation.gate import AnswerGate, auroc, gate_answers, summarize
 from otguard.gate_calibration import calibrate_gate, choose_threshold, crc_bound, unit_losses
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_gate_calibration import rates_at  # noqa: E402  (the per-position figures at a threshold)
+
 logger = logging.getLogger("measure_gate_context")
 
 FOLD = 0
-
-
-# --------------------------------------------------------------------------- per-position figures
-def rates_at(gates: Sequence[AnswerGate], tau: int) -> dict[str, float]:
-    """The point-of-use figures of a one-layer gate at vote threshold ``tau``, from the records' votes."""
-    true = [g for g in gates if not g.false]
-    false = [g for g in gates if g.false]
-    t = torch.cat([g.votes for g in true])
-    f = torch.cat([g.votes for g in false])
-    return {  # integer counts / numel, as summarize computes them, so they compare exactly
-        "tau": tau,
-        "false_flag_rate": float(int((t >= tau).sum())) / t.numel(),
-        "catch_rate": float(int((f >= tau).sum())) / f.numel(),
-        "gate_auroc": auroc(f.numpy(), t.numpy()),
-        "true_answers_flagged": float(np.mean([bool((g.votes >= tau).any()) for g in true])),
-        "false_answers_flagged": float(np.mean([bool((g.votes >= tau).any()) for g in false])),
-    }
 
 
 # --------------------------------------------------------------------------- answer-level rules
