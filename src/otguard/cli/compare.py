@@ -171,6 +171,14 @@ def _add_compare(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (a rerun into it resumes a stopped run)")
     p.add_argument(
+        "--workers",
+        type=count_or_auto,
+        default="auto",
+        help="run the folds in this many forked CPU processes of one thread each; auto: one per torch "
+        "thread when there are at least as many folds to run as threads (small models split poorly "
+        "across threads), else 1",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="write into a non-empty --out folder that is not a compare output, and discard the saved "
@@ -274,7 +282,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from otguard.report import markdown_table
 
     runtime.check_model_args(args)
-    run = CompareRun(config, args.out, force=args.force, option="--out")
+    run = CompareRun(config, args.out, force=args.force, option="--out", workers=args.workers)
     model, tok = runtime.load(args)
     results = run.run(model, tok)
     print(markdown_table(results))

@@ -189,7 +189,9 @@ class CompareRun:
     configuration, the output folder (a non-empty folder that is not a compare output is refused
     unless ``force``), saved results of another configuration (refused unless ``force``, which
     discards them), the task's data, and any external judge or scorer (contacted once).
-    :meth:`run` then does the model work and writes the outputs.
+    :meth:`run` then does the model work and writes the outputs. ``workers`` runs the folds in forked
+    processes (:mod:`otguard.harness.parallel`); it changes how fast, not what is computed, so it is not
+    part of the configuration a resumed run must match.
     """
 
     def __init__(
@@ -200,9 +202,15 @@ class CompareRun:
         force: bool = False,
         progress: bool = True,
         option: str = "out_dir",
+        workers: int | str = "auto",
     ) -> None:
+        from otguard.harness.parallel import check_workers
+
         self.config = config.validate()
         self.progress = progress
+        #: fold worker processes: ``"auto"`` or a number (:func:`otguard.harness.parallel.resolve_workers`)
+        self.workers = check_workers(workers)
+        self.workers_used = 1
         self.out = prepare_output_dir(out_dir, OUTPUT_KIND, force=force, option=option)
         self.store = PartialStore(
             self.out,
@@ -284,82 +292,124 @@ class CompareRun:
         tokenizer: PreTrainedTokenizerBase,
         done: dict[tuple[int, str], PartialResult],
     ) -> None:
-        """The fold loop over the missing (fold, method) results; each is saved as soon as it is done."""
+        """The fold loop over the missing (fold, method) results; each is saved as soon as it is done.
+        Folds run in worker processes where :func:`~otguard.harness.parallel.resolve_workers` says so."""
         from otguard.activations import collect
-        from otguard.data import group_kfold
-        from otguard.evaluation.drift import measure_drift_many
+        from otguard.harness.parallel import resolve_workers
 
         cfg, task = self.config, self.task
         task.bind(model, tokenizer)
         with self.timer("collect"):
             acts = collect(model, tokenizer, task.dataset, batch_size=cfg.batch_size, progress=self.progress)
-        for fold in range(cfg.folds):
-            pending = [m for m in self.evaluated if (fold, m) not in done]
-            if not pending:
-                continue
-            split = group_kfold(
-                task.dataset, n_folds=cfg.folds, fold=fold, val_ratio=cfg.val_ratio, seed=cfg.split_seed
-            )
-            task.start_fold(fold, split)
-            with self.timer("fit"):
-                sweeps = fit_policies(cfg, pending, acts, split, task, self.progress)
-            if isinstance(cfg.max_false_flag_rate, float | int):
-                with self.timer("gate_calibration"):
-                    task.calibrate_gates(sweeps, float(cfg.max_false_flag_rate))
-            self._select(fold, sweeps)
-            policies = {name: sw.policy for name, sw in sweeps.items()}
-            active = {name: (p if p.layers else None) for name, p in policies.items()}
-            fold_docs = self.docs[fold :: cfg.folds]
-            drift = {}
-            if fold_docs:
-                with self.timer("side_effects"):
-                    drift = measure_drift_many(
-                        model,
-                        tokenizer,
-                        fold_docs,
-                        active,
-                        max_tokens=cfg.drift_tokens,
-                        batch_size=8,
-                        progress=self.progress,
-                    )
-            task.prepare_test(active)
-            self._frontier(fold, sweeps, fold_docs)
-            for name in pending:
-                t_method = time.time()
-                policy = active[name]
-                evaluation = task.evaluate(name, policy)
-                metrics = evaluation.metrics
-                meta = {**task.fold_meta, **evaluation.meta}
-                sw = sweeps[name]
-                if sw.swept:
-                    meta["sweep"] = sw.entries(fold)
-                    meta["grid_point"] = meta["sweep"][sw.selected]["params"]
-                    meta["frontier_reference"] = dict(sw.reference)
-                if "gate_calibration" in policies[name].meta:
-                    meta["gate_calibration"] = policies[name].meta["gate_calibration"]
-                if name in drift:
-                    d = drift[name]
-                    metrics["ce"], metrics["kl"] = d.ce, d.kl
-                    if policy is not None and d.flag_rate is not None:
-                        metrics["flag_rate"] = d.flag_rate
-                        metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
-                        # counts, so that the folds combine as a ratio of sums
-                        if d.edited_heads is not None and d.flagged_positions is not None:
-                            meta[HEADS], meta[FLAGGED] = float(d.edited_heads), float(d.flagged_positions)
-                seconds = time.time() - t_method
-                result = PartialResult(
-                    fold=fold,
-                    method=name,
-                    metrics={k: float(v) for k, v in metrics.items()},
-                    record=_fold_record(fold, policies[name], seconds, meta),
-                    rows=evaluation.rows,
-                    judge_name=task.judge_name,
-                    items=evaluation.items,
+        folds = [f for f in range(cfg.folds) if any((f, m) not in done for m in self.evaluated)]
+        device = next(model.parameters()).device
+        self.workers_used = resolve_workers(self.workers, len(folds), device)
+        if self.workers_used > 1:
+            self._compute_parallel(folds, acts, done)
+            return
+        for fold in folds:
+            self._fold(fold, acts, done)
+
+    def _compute_parallel(
+        self, folds: list[int], acts: ActivationSet, done: dict[tuple[int, str], PartialResult]
+    ) -> None:
+        """The folds in forked worker processes (:mod:`otguard.harness.parallel`); their saved results
+        are loaded into ``done`` and their stage timings added to this run's."""
+        from otguard.harness.parallel import run_folds
+
+        wanted = {(f, m) for f in folds for m in self.evaluated}
+
+        def in_worker(fold: int) -> dict[str, float]:
+            self.progress = self.task.progress = False  # the parent shows one bar for all workers
+            before = dict(self.timer.seconds)
+            self._fold(fold, acts, done)
+            return {k: v - before.get(k, 0.0) for k, v in self.timer.seconds.items()}
+
+        def saved() -> int:  # the pairs saved so far (files of this run's folder)
+            return len(wanted & self.store.saved_pairs())
+
+        try:
+            seconds = run_folds(folds, self.workers_used, in_worker, done_count=saved, total=len(wanted),
+                                progress=self.progress)  # fmt: skip
+        finally:
+            done.update(self.store.load())
+        for key, value in seconds.items():
+            self.timer.seconds[key] = self.timer.seconds.get(key, 0.0) + value
+
+    def _fold(self, fold: int, acts: ActivationSet, done: dict[tuple[int, str], PartialResult]) -> None:
+        """Fit, select, measure and evaluate the missing methods of one fold; each result is saved (and
+        added to ``done``) as soon as it is complete."""
+        from otguard.data import group_kfold
+        from otguard.evaluation.drift import measure_drift_many
+
+        cfg, task = self.config, self.task
+        model, tokenizer = task.model, task.tokenizer
+        pending = [m for m in self.evaluated if (fold, m) not in done]
+        if not pending:
+            return
+        split = group_kfold(
+            task.dataset, n_folds=cfg.folds, fold=fold, val_ratio=cfg.val_ratio, seed=cfg.split_seed
+        )
+        task.start_fold(fold, split)
+        with self.timer("fit"):
+            sweeps = fit_policies(cfg, pending, acts, split, task, self.progress)
+        if isinstance(cfg.max_false_flag_rate, float | int):
+            with self.timer("gate_calibration"):
+                task.calibrate_gates(sweeps, float(cfg.max_false_flag_rate))
+        self._select(fold, sweeps)
+        policies = {name: sw.policy for name, sw in sweeps.items()}
+        active = {name: (p if p.layers else None) for name, p in policies.items()}
+        fold_docs = self.docs[fold :: cfg.folds]
+        drift = {}
+        if fold_docs:
+            with self.timer("side_effects"):
+                drift = measure_drift_many(
+                    model,
+                    tokenizer,
+                    fold_docs,
+                    active,
+                    max_tokens=cfg.drift_tokens,
+                    batch_size=8,
+                    progress=self.progress,
                 )
-                self.store.save(result)
-                done[(fold, name)] = result
-                shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
-                logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, seconds)
+        task.prepare_test(active)
+        self._frontier(fold, sweeps, fold_docs)
+        for name in pending:
+            t_method = time.time()
+            policy = active[name]
+            evaluation = task.evaluate(name, policy)
+            metrics = evaluation.metrics
+            meta = {**task.fold_meta, **evaluation.meta}
+            sw = sweeps[name]
+            if sw.swept:
+                meta["sweep"] = sw.entries(fold)
+                meta["grid_point"] = meta["sweep"][sw.selected]["params"]
+                meta["frontier_reference"] = dict(sw.reference)
+            if "gate_calibration" in policies[name].meta:
+                meta["gate_calibration"] = policies[name].meta["gate_calibration"]
+            if name in drift:
+                d = drift[name]
+                metrics["ce"], metrics["kl"] = d.ce, d.kl
+                if policy is not None and d.flag_rate is not None:
+                    metrics["flag_rate"] = d.flag_rate
+                    metrics["edited_heads"] = d.edited_heads_per_flag or 0.0
+                    # counts, so that the folds combine as a ratio of sums
+                    if d.edited_heads is not None and d.flagged_positions is not None:
+                        meta[HEADS], meta[FLAGGED] = float(d.edited_heads), float(d.flagged_positions)
+            seconds = time.time() - t_method
+            result = PartialResult(
+                fold=fold,
+                method=name,
+                metrics={k: float(v) for k, v in metrics.items()},
+                record=_fold_record(fold, policies[name], seconds, meta),
+                rows=evaluation.rows,
+                judge_name=task.judge_name,
+                items=evaluation.items,
+            )
+            self.store.save(result)
+            done[(fold, name)] = result
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+            logger.info("fold %d %s: %s (%.0f s)", fold, name, shown, seconds)
 
     def _frontier(self, fold: int, sweeps: dict[str, FoldSweep], fold_docs: list[str]) -> None:
         """Test figures of every grid point of the swept methods, the chosen one included, measured alike
@@ -448,6 +498,8 @@ class CompareRun:
             "judge": last.judge_name or self.task.judge_name,
             "dtype": model_facts["dtype"],
             "threads": torch.get_num_threads(),
+            # folds in worker processes of one thread each (1: this process, `threads` threads)
+            "workers": self.workers_used,
             "methods": list(cfg.methods),
         }
         if resumed:
@@ -484,10 +536,11 @@ def run_compare(
     *,
     progress: bool = True,
     force: bool = False,
+    workers: int | str = "auto",
 ) -> RunResults:
     """Run the comparison and write its outputs into ``out_dir``; returns the results.
 
-    The same as ``CompareRun(config, out_dir, force=force).run(model, tokenizer)``; use
+    The same as ``CompareRun(config, out_dir, force=force, workers=workers).run(model, tokenizer)``; use
     :class:`CompareRun` to check everything before loading the model.
     """
-    return CompareRun(config, out_dir, force=force, progress=progress).run(model, tokenizer)
+    return CompareRun(config, out_dir, force=force, progress=progress, workers=workers).run(model, tokenizer)
