@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -123,7 +124,9 @@ def test_models_health_and_unknown_routes(client) -> None:
 
 
 @pytest.mark.parametrize("policy", [None, "two", "one"])
-def test_greedy_completion_equals_generate_and_flags_equal_the_reference(setup, client, policy) -> None:
+def test_greedy_completion_equals_generate_and_flags_equal_the_reference(
+    setup, engine, client, policy
+) -> None:
     model, tok, policies = setup
     prompt_ids = ids_of(tok, PROMPT)
     n = 12
@@ -131,6 +134,7 @@ def test_greedy_completion_equals_generate_and_flags_equal_the_reference(setup, 
     got = client.post(
         "/v1/completions", json={"model": name, "prompt": prompt_ids, "max_tokens": n, "temperature": 0}
     ).json()
+    assert engine.wait_idle(30)  # the references below use the same model object
     want, flags = reference(model, policies.get(policy), prompt_ids, n)
     assert got["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
     assert got["choices"][0]["finish_reason"] == "length"
@@ -155,7 +159,7 @@ def test_greedy_completion_equals_generate_and_flags_equal_the_reference(setup, 
 
 
 @pytest.mark.parametrize("policy", ["two", "one"])
-def test_monitor_mode_keeps_the_plain_text_and_reports_the_flags(setup, client, policy) -> None:
+def test_monitor_mode_keeps_the_plain_text_and_reports_the_flags(setup, engine, client, policy) -> None:
     model, tok, policies = setup
     prompt_ids, n = ids_of(tok, PROMPT), 12
     got = client.post(
@@ -170,6 +174,7 @@ def test_monitor_mode_keeps_the_plain_text_and_reports_the_flags(setup, client, 
     ).json()
     plain = post(client, prompt=PROMPT, max_tokens=n, temperature=0).json()
     assert got["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert engine.wait_idle(30)
     want, flags = reference(model, policies[policy], prompt_ids, n, mode="monitor")
     assert got["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
     assert got["otguard"]["mode"] == "monitor"
@@ -223,6 +228,34 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(setup, client) -> None
     assert "".join(pieces) == plain[:cut]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert len([p for p in pieces if p]) >= 3  # streamed token by token, not all at the end
+
+
+def _hooked(model) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_an_answer_can_arrive_before_the_policy_is_detached_and_wait_idle_covers_that(
+    setup, engine, client, monkeypatch
+) -> None:
+    model = setup[0]
+    attach = engine._attach
+
+    def slow_to_detach(policy: Any, mode: str) -> Any:
+        handle = attach(policy, mode)
+        remove = handle.remove
+
+        def later() -> None:
+            time.sleep(0.3)
+            remove()
+
+        handle.remove = later
+        return handle
+
+    monkeypatch.setattr(engine, "_attach", slow_to_detach)
+    got = post(client, prompt=PROMPT, max_tokens=3, temperature=0, model=f"{SERVED}+one")
+    assert got.status_code == 200
+    assert _hooked(model)  # answered, but the batch has not detached its policy yet
+    assert engine.wait_idle(30) and not _hooked(model)
 
 
 def test_eos_ends_a_row(setup, engine) -> None:

@@ -192,6 +192,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = 0  # requests in the running batch
+        self._in_batch = False  # a batch is running (until its policy is detached from the model)
         self._thread: threading.Thread | None = None
         self.on_batch: Callable[[int, str | None, str], None] | None = None  # (size, policy, mode)
         self.on_join: Callable[[int, str | None, str], None] | None = None  # (joiners, policy, mode)
@@ -212,6 +213,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is queued and no batch runs; returns False on ``timeout``.
+
+        A request's answer is sent the moment its last token is decided, a moment *before* its batch
+        detaches the policy from the model: code that uses the same model object in this process (a
+        reference computation, an evaluation between requests) waits here first, or it could run with
+        the server's policy still attached.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._in_batch, timeout)
 
     @property
     def queued(self) -> int:
@@ -327,6 +339,7 @@ class Engine:
                 self._pending = rest
                 if batch:
                     self._busy = len(batch)
+                    self._in_batch = True
                     return batch
 
     def _loop(self) -> None:
@@ -339,6 +352,8 @@ class Engine:
             finally:
                 with self._cond:
                     self._busy = 0
+                    self._in_batch = False
+                    self._cond.notify_all()
 
     def _admit(self, key: tuple[str | None, str], room: int) -> list[Job]:
         """Waiting jobs that may join the running batch of ``key`` (up to ``room``), without waiting.
