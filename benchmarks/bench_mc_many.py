@@ -1,37 +1,51 @@
-"""TruthfulQA MC for several policies: one ``score_mc`` call per policy vs one ``score_mc_many`` pass.
+"""TruthfulQA MC for several policies: ``score_mc`` per policy vs one ``score_mc_many`` pass, without
+and with the shared trunk.
 
 ``score_mc_many`` runs each question's context once with no policy (answer scope never edits it) and
 scores every policy's answers on that shared cache; ``score_mc`` is its one-policy case, so scoring
 P policies with it runs every context P times. Both pack the contexts of ``--question-batch``
-questions into one forward. Workload: the packaged SmolLM2-135M, the first N TruthfulQA questions,
-P policies: none + synthetic always-on policies (a replace map on layer 10, a shift of four heads
-on layer 14, a replace map on layer 20) — the edit's cost is the hook's, whatever the fit.
+questions into one forward. With ``share_trunk=True`` (the default) the answer forwards share their
+unedited lower layers too: per chunk of answers one forward with no policy records the hidden state
+entering each policy's first edited layer (and scores the ``none`` policy), and each policy's forward
+resumes there (``otguard.trunk``). Workload: the packaged SmolLM2-135M in bfloat16 (as ``compare``
+runs it), the first N TruthfulQA questions, P = 5 policies: none + synthetic always-on policies whose
+first edited layers are like the comparison harness's (replace maps on layers 3, 16 and 23, a shift
+of four heads on layer 11) — the edit's cost is the hook's, whatever the fit.
 
-Runs are interleaved (the order alternates each round) and medians reported; the speed-up is the
+Runs are interleaved (the order alternates each round) and medians reported; a speed-up is the
 median of the per-round ratios of process CPU time (one thread; less disturbed than wall time on
 the shared machine), wall time is shown too. The max |difference| of the answer scores and of MC2
-between the two ways is printed (float32 forwards of different shapes: ~1e-5).
+between consecutive ways is printed.
 
-    python benchmarks/bench_mc_many.py [--n-questions 40] [--reps 3] [--data-dir ../shared/data]
+    python benchmarks/bench_mc_many.py [--n-questions 32] [--reps 3] [--ways alone,many,trunk]
+                                       [--dtype bfloat16] [--data-dir ../shared/data]
 
-Measured on the project's 2-core machine (2026-12-05, 1 thread, torch 2.13.0+cpu, other jobs
-running: load average 2-3), 40 questions (305 distinct answers), 4 policies, 3 rounds::
+Measured on the project's 2-core machine (2026-12-05, 1 thread, torch 2.13.0+cpu, load average 2-4
+from other jobs), ``--n-questions 32 --reps 3`` (about 6.5 minutes with the model load; the speed-up
+lines were printed on one line each then)::
 
-    round 1: 4 x score_mc 78.3s, 1 x score_mc_many 68.7s
-    round 2: 4 x score_mc 78.9s, 1 x score_mc_many 68.4s
-    round 3: 4 x score_mc 82.2s, 1 x score_mc_many 71.5s
-    way                   CPU s (median)  wall s (median)
-    4 x score_mc                   78.89           149.13
-    1 x score_mc_many              68.68           103.42
-    speed-up of score_mc_many: 1.15x CPU (1.51x wall); max |d score| 0.0e+00, max |dMC2| 0.0e+00
+    round 1: 5 x score_mc 45.3s, many, no trunk 37.0s, many, shared trunk 27.5s
+    round 2: 5 x score_mc 43.6s, many, no trunk 36.3s, many, shared trunk 26.8s
+    round 3: 5 x score_mc 43.6s, many, no trunk 35.9s, many, shared trunk 26.3s
+    way                     CPU s (median)  wall s (median)
+    5 x score_mc                     43.63            45.77
+    many, no trunk                   36.28            37.25
+    many, shared trunk               26.81            27.42
+    many, no trunk vs 5 x score_mc: speed-up 1.21x CPU (1.21x wall);
+        max |d score| 0.0e+00, max |dMC2| 0.0e+00
+    many, shared trunk vs many, no trunk: speed-up 1.35x CPU (1.35x wall);
+        max |d score| 0.0e+00, max |dMC2| 0.0e+00
 
-The CPU ratio is the figure (the wall ratio was inflated by a test run beside rounds 2-3). The
-scores are bit-identical: both ways pack the same contexts. The shared contexts are ~17 % of one
-policy's cost ((78.9 - 68.7) / 3 = 3.4 of 19.7 s), as packing 8 contexts per forward (also in
-``score_mc``) already made them cheap; the rest is the answers, run once per policy. Projected
-with P policies: 19.7 P / (3.4 + 16.3 P), ~1.19x at P = 15. A larger saving needs the answer
-forwards shared too: every layer below a policy's first edited layer computes the same thing for
-every policy (not done here).
+The shared trunk saves 26 % of the pass (9.5 of 36.3 s): the resumed forwards skip 3 + 11 + 16 + 23
+= 53 of the 150 decoder-layer passes of the five policies' answer forwards (the LM head, about 7
+layers' worth for SmolLM2's 49k vocabulary, still runs per policy), ~29 % of the answer compute. The
+scores are bit-identical: the resumed layers get the very same inputs (also in bfloat16). The gain
+grows with the depth of the policies' first edited layers, and with no ``none`` policy the recording
+forward stops after the highest layer needed (no LM head).
+
+Earlier (float32, 40 questions, 4 policies at layers 10/14/20, before the shared trunk):
+``score_mc_many`` was 1.15x faster than 4 x ``score_mc`` (68.7 vs 78.9 s CPU), bit-identical; the
+shared contexts were ~17 % of one policy's cost, the rest its answer forwards.
 """
 
 from __future__ import annotations
@@ -80,38 +94,53 @@ def max_diff(a: MCResult, b: MCResult) -> tuple[float, float]:
     return scores, mc2
 
 
+WAYS = ("alone", "many", "trunk")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-questions", type=int, default=40)
+    parser.add_argument("--n-questions", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--question-batch", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {', '.join(WAYS)}")
     args = parser.parse_args()
+    ways = [w for w in args.ways.split(",") if w]
+    if not set(ways) <= set(WAYS) or len(ways) < 2:
+        parser.error(f"--ways: two or more of {', '.join(WAYS)}")
 
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype=args.dtype)
     items = truthfulqa_items(args.data_dir)[: args.n_questions]
+    # First edited layers like the comparison harness's policies (3 ... 23 of SmolLM2's 30).
     policies: dict[str, Policy | None] = {
         "none": None,
-        "replace@10": synthetic_policy(model, "replace", 10, 0),
-        "shift@14": synthetic_policy(model, "shift", 14, 1),
-        "replace@20": synthetic_policy(model, "replace", 20, 2),
+        "replace@3": synthetic_policy(model, "replace", 3, 0),
+        "shift@11": synthetic_policy(model, "shift", 11, 1),
+        "replace@16": synthetic_policy(model, "replace", 16, 2),
+        "replace@23": synthetic_policy(model, "replace", 23, 3),
     }
     n_answers = sum(len(mc_answers(item)) for item in items)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (OMP_NUM_THREADS="
           f"{os.environ['OMP_NUM_THREADS']}), {platform.processor() or platform.machine()}")  # fmt: skip
-    print(f"model {model.config._name_or_path}; {len(items)} TruthfulQA questions, {n_answers} answers; "
-          f"{len(policies)} policies ({', '.join(policies)}); batch size {args.batch_size}, question batch "
-          f"{args.question_batch}; {args.reps} interleaved rounds\n")  # fmt: skip
+    print(f"model {model.config._name_or_path} ({args.dtype}); {len(items)} TruthfulQA questions, "
+          f"{n_answers} answers; {len(policies)} policies ({', '.join(policies)}); batch size "
+          f"{args.batch_size}, question batch {args.question_batch}; {args.reps} rounds\n")  # fmt: skip
     kw = dict(batch_size=args.batch_size, question_batch=args.question_batch, progress=False)
 
     def alone() -> dict[str, MCResult]:
         return {name: score_mc(model, tok, items, policy=p, **kw) for name, p in policies.items()}  # type: ignore[arg-type]
 
     def many() -> dict[str, MCResult]:
-        return score_mc_many(model, tok, items, policies, **kw)  # type: ignore[arg-type]
+        return score_mc_many(model, tok, items, policies, share_trunk=False, **kw)  # type: ignore[arg-type]
 
-    runs = {f"{len(policies)} x score_mc": alone, "1 x score_mc_many": many}
+    def trunk() -> dict[str, MCResult]:
+        return score_mc_many(model, tok, items, policies, share_trunk=True, **kw)  # type: ignore[arg-type]
+
+    label = {"alone": f"{len(policies)} x score_mc", "many": "many, no trunk", "trunk": "many, shared trunk"}
+    funcs = {"alone": alone, "many": many, "trunk": trunk}
+    runs = {label[w]: funcs[w] for w in ways}
     cpu: dict[str, list[float]] = {m: [] for m in runs}
     wall: dict[str, list[float]] = {m: [] for m in runs}
     results: dict[str, dict[str, MCResult]] = {}
@@ -125,19 +154,23 @@ def main() -> None:
             wall[mode].append(time.perf_counter() - t0)
         print(f"  round {rep + 1}: " + ", ".join(f"{m} {cpu[m][-1]:.1f}s" for m in runs), flush=True)
 
-    print(f"\n{'way':<20}{'CPU s (median)':>16}{'wall s (median)':>17}")
+    print(f"\n{'way':<22}{'CPU s (median)':>16}{'wall s (median)':>17}")
     for m in runs:
-        print(f"{m:<20}{statistics.median(cpu[m]):>16.2f}{statistics.median(wall[m]):>17.2f}")
-    a, b = list(runs)
-    ratio = statistics.median(x / y for x, y in zip(cpu[a], cpu[b], strict=True))
-    wall_ratio = statistics.median(x / y for x, y in zip(wall[a], wall[b], strict=True))
-    diffs = [max_diff(results[a][name], results[b][name]) for name in policies]
-    d_score, d_mc2 = max(d[0] for d in diffs), max(d[1] for d in diffs)
-    print(f"\nspeed-up of score_mc_many: {ratio:.2f}x CPU ({wall_ratio:.2f}x wall); "
-          f"max |d score| {d_score:.1e}, max |dMC2| {d_mc2:.1e}")  # fmt: skip
+        print(f"{m:<22}{statistics.median(cpu[m]):>16.2f}{statistics.median(wall[m]):>17.2f}")
+    print()
+    names = list(runs)
+    for a, b in zip(names, names[1:], strict=False):
+        ratio = statistics.median(x / y for x, y in zip(cpu[a], cpu[b], strict=True))
+        wall_ratio = statistics.median(x / y for x, y in zip(wall[a], wall[b], strict=True))
+        diffs = [max_diff(results[a][name], results[b][name]) for name in policies]
+        d_score, d_mc2 = max(d[0] for d in diffs), max(d[1] for d in diffs)
+        print(f"{b} vs {a}: speed-up {ratio:.2f}x CPU ({wall_ratio:.2f}x wall);\n"
+              f"    max |d score| {d_score:.1e}, max |dMC2| {d_mc2:.1e}")  # fmt: skip
+    last = results[names[-1]]
     for name in policies:
-        r = results[b][name]
-        print(f"  {name:<12} MC1 {r.mc1:.4f}  MC2 {r.mc2:.4f}  MC3 {r.mc3:.4f}")
+        r = last[name]
+        print(f"  {name:<12} MC1 {r.mc1:.4f}  MC2 {r.mc2:.4f}  MC3 {r.mc3:.4f}  (trunk layer "
+              f"{r.info['trunk_layer']})")  # fmt: skip
 
 
 if __name__ == "__main__":

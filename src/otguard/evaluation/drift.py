@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from otguard.errors import DataError, DataFileNotFoundError
 from otguard.hook import attached
+from otguard.trunk import record_trunk, resume_trunk, supports_trunk
 
 
 def _read_file(path: Path) -> list[str]:
@@ -130,11 +131,15 @@ def measure_drift_many(
     max_tokens: int = 128,
     batch_size: int = 8,
     progress: bool = False,
+    share_trunk: bool = True,
 ) -> dict[str, DriftResult]:
     """:func:`measure_drift` for several policies at once (``None`` = the original model).
 
     The original model's forward runs once per batch and is shared by every policy, which saves one
-    forward per policy compared with separate calls; the results are the same.
+    forward per policy compared with separate calls; the results are the same. ``share_trunk``: that
+    forward also records the hidden state entering each policy's first edited layer, and the policy's
+    forward resumes there (:mod:`otguard.trunk`: the layers below are the original model's; same
+    results, where the model is supported; ``False`` runs every policy's full forward).
     """
     device = next(model.parameters()).device
     enc = tokenizer(list(docs), truncation=True, max_length=max_tokens)["input_ids"]
@@ -142,6 +147,11 @@ def measure_drift_many(
     if not enc:
         raise DataError("No document has at least two tokens.")
     acc = {name: _DriftAccumulator() for name in policies}
+    resume_at = {name: min((int(e.layer) for e in p.layers), default=0) for name, p in policies.items()
+                 if p is not None}  # fmt: skip
+    record_at = sorted({layer for layer in resume_at.values() if layer > 0})
+    if not (share_trunk and record_at and supports_trunk(model)):
+        record_at = []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
@@ -150,7 +160,14 @@ def measure_drift_many(
                 device
             )
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            orig = model(input_ids=ids, attention_mask=mask).logits.float()
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            trunk = None
+            if record_at:
+                out, trunk = record_trunk(model, inputs, record_at, keep_cache=False)
+            else:
+                out = model(**inputs)
+            orig = out.logits.float()
+            del out
             logp_o = F.log_softmax(orig, dim=-1)
             del orig
             for name, policy in policies.items():
@@ -158,7 +175,10 @@ def measure_drift_many(
                     acc[name].add(logp_o, logp_o, ids, mask, None)
                     continue
                 with attached(policy, model, scope="all") as handle:
-                    steered = model(input_ids=ids, attention_mask=mask).logits.float()
+                    if trunk is not None:
+                        steered = resume_trunk(model, trunk, resume_at[name], inputs).logits.float()
+                    else:
+                        steered = model(**inputs).logits.float()
                     stats = handle.stats() if handle is not None else None
                 acc[name].add(logp_o, F.log_softmax(steered, dim=-1), ids, mask, stats)
                 del steered

@@ -27,6 +27,12 @@ answer tokens only, so a question's context cache is the same for all of them; i
 with no policy attached, and each policy, attached in turn for its answer forwards only, scores the
 answers on it. :func:`score_mc` is its one-policy case. Only one group of question caches is alive
 at a time, whatever the number of policies.
+
+The answer forwards share their unedited lower layers too (``share_trunk``, :mod:`otguard.trunk`): a
+policy never changes the hidden state entering its first edited layer ``L``, so per chunk of answers
+one forward with no policy records the states entering every policy's ``L`` (and scores the plain
+model, when it is one of the policies), and each policy's forward resumes from its ``L``. The scores
+are those of the full forwards (the resumed layers see the very same inputs).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from otguard.decoding import accepts_argument, cache_kwarg, common_prefix_len, f
 from otguard.errors import DataError
 from otguard.hook import attached
 from otguard.prompts import qa_prefix, qa_prompt
+from otguard.trunk import Trunk, record_trunk, resume_trunk, supports_trunk
 
 __all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc", "score_mc_many"]
 
@@ -317,22 +324,18 @@ class _Runner:
         mask = torch.zeros(n, past + n, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
         return x, mask[None, None].to(self.device), (past + local)[None].to(self.device)
 
-    def packed(self, cache: Any, rows: list[list[int]], past: int) -> torch.Tensor:
-        """Logits ``(N, V)`` of ``rows`` packed into one sequence of ``N`` tokens at positions ``past...``.
+    def packed_inputs(self, cache: Any, rows: list[list[int]], past: int) -> dict[str, Any]:
+        """Model inputs of ``rows`` packed into one sequence of ``N`` tokens at positions ``past...``.
 
         A 4D mask lets each row see the cache and its own earlier tokens only, and every row's
         positions restart at ``past``: the same as a padded batch, without computing the padding.
         Every token is an answer token (callers check that each row's answer starts at ``past``).
+        The logits ``(1, N, V)`` of the forward are those of the rows, one after the other.
         """
-        self.n_packed += 1
         x, mask, pos = self._pack(rows, past)
-        if self.handle is not None:
-            self.handle.set_answer_start(int(past))
         kwargs: dict[str, Any] = {"position_ids": pos} if self.pos_ids else {}
-        work = fork_cache(cache, 1)
-        out = self.model(input_ids=x, attention_mask=mask, **{self.cache_name: work}, use_cache=True,
-                         **kwargs)  # fmt: skip
-        return out.logits[0]
+        kwargs[self.cache_name] = fork_cache(cache, 1)
+        return dict(input_ids=x, attention_mask=mask, use_cache=True, **kwargs)
 
     def contexts(self, cache: Any, rows: list[list[int]], past: int) -> tuple[list[Any], torch.Tensor]:
         """Several questions' tokens ``rows`` in one packed forward on top of ``cache`` (``past`` tokens).
@@ -354,9 +357,11 @@ class _Runner:
         caches = [_slice_cache(work, past, int(e) - len(r), int(e)) for e, r in zip(ends, rows, strict=True)]
         return caches, _wide(logits)
 
-    def rows(self, cache: Any, rows: list[list[int]], past: int, starts: list[int], pad: int) -> torch.Tensor:
-        """Logits ``(B, L, V)`` of right-padded ``rows`` at positions ``past...``, on a forked cache."""
-        self.n_padded += 1
+    def padded_inputs(self, cache: Any, rows: list[list[int]], past: int, pad: int) -> dict[str, Any]:
+        """Model inputs of right-padded ``rows`` at positions ``past...``, on a forked cache.
+
+        The logits ``(B, L, V)`` of the forward are per row; the answer start is per row (``chunk.starts``).
+        """
         B, L = len(rows), max(len(r) for r in rows)
         x = torch.full((B, L), pad, dtype=torch.long)
         mask = torch.ones(B, past + L, dtype=torch.long)
@@ -364,16 +369,104 @@ class _Runner:
             x[j, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[j, past + len(r) :] = 0
         x, mask = x.to(self.device), mask.to(self.device)
-        if self.handle is not None:
-            self.handle.set_answer_start(torch.tensor(starts, device=self.device))
         kwargs: dict[str, Any] = {}
         if self.pos_ids:
             kwargs["position_ids"] = torch.arange(past, past + L, device=self.device).expand(B, L)
-        out = self.model(
-            input_ids=x, attention_mask=mask, **{self.cache_name: fork_cache(cache, B)}, use_cache=True,
-            **kwargs,
-        )
-        return out.logits
+        kwargs[self.cache_name] = fork_cache(cache, B)
+        return dict(input_ids=x, attention_mask=mask, use_cache=True, **kwargs)
+
+    def answers(
+        self,
+        cache: Any,
+        chunk: _Chunk,
+        past: int,
+        pad: int,
+        *,
+        trunk: Trunk | None = None,
+        layer: int = 0,
+        record: Sequence[int] = (),
+        keep_output: bool = True,
+    ) -> tuple[list[torch.Tensor] | None, Trunk | None]:
+        """One forward over a chunk of answer rows; returns each row's logits ``(len(row), V)``.
+
+        The rows are packed into one sequence (``chunk.packed``) or right-padded. The policy handle's
+        answer start is set first. ``record``: layers whose entering state is recorded (no policy is
+        attached then) into the returned :class:`~otguard.trunk.Trunk`, and with ``keep_output=False``
+        the forward stops there and returns no logits. ``trunk`` and ``layer``: resume from that
+        recorded state at ``layer`` (the attached policy edits nothing below it).
+        """
+        if chunk.packed:
+            self.n_packed += keep_output
+            inputs = self.packed_inputs(cache, chunk.rows, past)
+            start: torch.Tensor | int = past
+        else:
+            self.n_padded += keep_output
+            inputs = self.padded_inputs(cache, chunk.rows, past, pad)
+            start = torch.tensor(chunk.starts, device=self.device)
+        if self.handle is not None:
+            self.handle.set_answer_start(start)
+        new_trunk = None
+        if record:
+            out, new_trunk = record_trunk(self.model, inputs, record, keep_output=keep_output,
+                                          keep_cache=False)  # fmt: skip
+        elif trunk is not None:
+            out = resume_trunk(self.model, trunk, layer, inputs)
+        else:
+            out = self.model(**inputs)
+        if out is None:
+            return None, new_trunk
+        if chunk.packed:
+            flat = out.logits[0]
+            ends = torch.tensor([len(r) for r in chunk.rows]).cumsum(0).tolist()
+            return [flat[e - len(r) : e] for e, r in zip(ends, chunk.rows, strict=True)], new_trunk
+        return [out.logits[b, : len(r)] for b, r in enumerate(chunk.rows)], new_trunk
+
+
+@dataclass
+class _Chunk:
+    """Answers scored in one forward: their indices, rows (ids after the cache), first scored token."""
+
+    index: list[int]
+    rows: list[list[int]]
+    starts: list[int]
+    packed: bool
+
+
+def _chunks(spans: list[tuple[list[int], int]], cached: int, batch_size: int, pack: bool) -> list[_Chunk]:
+    """The answers of one question, ``batch_size`` per forward (answers with nothing to score skipped).
+
+    ``pack``: a chunk whose answers all start at ``cached`` is one packed sequence, else right-padded.
+    """
+    todo = [j for j, (ids, start) in enumerate(spans) if max(start, 1) < len(ids)]
+    out = []
+    for lo in range(0, len(todo), batch_size):
+        index = todo[lo : lo + batch_size]
+        starts = [max(spans[j][1], 1) for j in index]
+        rows = [spans[j][0][cached:] for j in index]
+        out.append(_Chunk(index, rows, starts, pack and all(st == cached for st in starts)))
+    return out
+
+
+def _chunk_scores(
+    chunk: _Chunk, views: list[torch.Tensor], cached: int, last_logp: torch.Tensor, scores: list[float]
+) -> None:
+    """Write the scores of ``chunk``'s answers (from their rows' logits ``views``) into ``scores``.
+
+    ``last_logp``: log-probabilities predicted at position ``cached - 1`` (the first row token).
+    """
+    for j, row, start, logits in zip(chunk.index, chunk.rows, chunk.starts, views, strict=True):
+        k0 = start - cached  # first scored index within the row
+        target = torch.tensor(row[k0:], device=logits.device)
+        parts = []
+        if k0 == 0:
+            parts.append(last_logp[target[0]].reshape(1))
+            k1, tgt = 1, target[1:]
+        else:
+            k1, tgt = k0, target
+        if tgt.numel():
+            lp = _wide(logits[k1 - 1 : len(row) - 1]).log_softmax(-1)
+            parts.append(lp.gather(1, tgt[:, None]).squeeze(1))
+        scores[j] = float(torch.cat(parts).double().sum())
 
 
 def _score_rows(
@@ -386,38 +479,13 @@ def _score_rows(
     pad: int,
     pack: bool,
 ) -> list[float]:
-    """Scores of answers whose ids share the first ``cached`` tokens (in ``cache``).
-
-    ``last_logp``: log-probabilities predicted at position ``cached - 1`` (the first row token).
-    ``pack``: score a chunk as one packed sequence when every answer in it starts at ``cached``,
-    otherwise as a right-padded batch.
-    """
+    """Scores of answers whose ids share the first ``cached`` tokens (in ``cache``), one full forward
+    per chunk of answers (:func:`_chunks`); ``last_logp`` as in :func:`_chunk_scores`."""
     scores = [0.0] * len(spans)
-    todo = [j for j, (ids, start) in enumerate(spans) if max(start, 1) < len(ids)]
-    for lo in range(0, len(todo), batch_size):
-        chunk = todo[lo : lo + batch_size]
-        rows = [spans[j][0][cached:] for j in chunk]
-        starts = [max(spans[j][1], 1) for j in chunk]
-        if pack and all(st == cached for st in starts):
-            flat = runner.packed(cache, rows, cached)
-            ends = torch.tensor([len(r) for r in rows]).cumsum(0).tolist()
-            views = [flat[e - len(r) : e] for e, r in zip(ends, rows, strict=True)]
-        else:
-            padded = runner.rows(cache, rows, cached, starts, pad)
-            views = [padded[b, : len(r)] for b, r in enumerate(rows)]
-        for j, row, start, logits in zip(chunk, rows, starts, views, strict=True):
-            k0 = start - cached  # first scored index within the row
-            target = torch.tensor(row[k0:], device=logits.device)
-            parts = []
-            if k0 == 0:
-                parts.append(last_logp[target[0]].reshape(1))
-                k1, tgt = 1, target[1:]
-            else:
-                k1, tgt = k0, target
-            if tgt.numel():
-                lp = _wide(logits[k1 - 1 : len(row) - 1]).log_softmax(-1)
-                parts.append(lp.gather(1, tgt[:, None]).squeeze(1))
-            scores[j] = float(torch.cat(parts).double().sum())
+    for chunk in _chunks(spans, cached, batch_size, pack):
+        views, _ = runner.answers(cache, chunk, cached, pad)
+        assert views is not None
+        _chunk_scores(chunk, views, cached, last_logp, scores)
     return scores
 
 
@@ -492,6 +560,78 @@ def _contexts(
     return [o for o in out if o is not None], fallbacks
 
 
+def _first_layer(policy: Any) -> int:
+    """The first decoder layer ``policy`` edits (the state entering it is the plain model's); 0 for none."""
+    if policy is None:
+        return 0
+    return min((int(edit.layer) for edit in policy.layers), default=0)
+
+
+def _trunk_plan(model: Any, policies: Mapping[str, Any], first: Mapping[str, int]) -> dict[str, int]:
+    """Policy name -> layer its answer forwards resume from, for the policies that share a trunk.
+
+    Sharing pays when one forward without a policy serves two resumed policies, or one resumed policy
+    and the plain model (whose scores it gives); else, or on a model :mod:`otguard.trunk` does not
+    support, every policy runs its full forwards (an empty plan).
+    """
+    resumed = {name: first[name] for name, p in policies.items() if p is not None and first[name] > 0}
+    has_none = any(p is None for p in policies.values())
+    if len(resumed) + has_none < 2 or not resumed or not supports_trunk(model):
+        return {}
+    return resumed
+
+
+def _score_question_shared(
+    q: _Question,
+    cache: Any,
+    last_logp: torch.Tensor,
+    pack: bool,
+    names: list[str],
+    policies: Mapping[str, Any],
+    runners: Mapping[str, _Runner],
+    base_runner: _Runner,
+    trunk_at: Mapping[str, int],
+    batch_size: int,
+    pad: int,
+) -> dict[str, list[float]]:
+    """One question's answer scores for every policy, the unedited lower layers run once per chunk.
+
+    A forward with no policy records, per chunk of answers, the state entering each resumed policy's
+    first edited layer (and gives the scores of a ``None`` policy, if any; without one it stops after
+    the highest layer needed). Each policy then runs its chunks resumed from its layer (policies
+    editing layer 0 run in full). Only this question's recorded states are alive.
+    """
+    chunks = _chunks(q.spans, q.cached, batch_size, pack)
+    has_none = any(policies[n] is None for n in names)
+    layers = sorted(set(trunk_at.values()))
+    out = {name: [0.0] * len(q.spans) for name in names}
+    trunks: list[Trunk] = []
+    base_scores = [0.0] * len(q.spans)
+    for chunk in chunks:
+        views, trunk = base_runner.answers(cache, chunk, q.cached, pad, record=layers, keep_output=has_none)
+        assert trunk is not None
+        trunks.append(trunk)
+        if views is not None:
+            _chunk_scores(chunk, views, q.cached, last_logp, base_scores)
+    for name in names:
+        if policies[name] is None:
+            out[name] = list(base_scores)
+            if runners[name] is not base_runner:  # a second plain-model entry: the same forwards
+                runners[name].n_packed += sum(c.packed for c in chunks)
+                runners[name].n_padded += sum(not c.packed for c in chunks)
+            continue
+        runner = runners[name]
+        with attached(policies[name], runner.model, scope="answer") as handle:
+            runner.handle = handle
+            for chunk, trunk in zip(chunks, trunks, strict=True):
+                layer = trunk_at.get(name, 0)
+                views, _ = runner.answers(cache, chunk, q.cached, pad, trunk=trunk, layer=layer)
+                assert views is not None
+                _chunk_scores(chunk, views, q.cached, last_logp, out[name])
+            runner.handle = None
+    return out
+
+
 @torch.inference_mode()
 def score_mc_many(
     model: Any,
@@ -505,6 +645,7 @@ def score_mc_many(
     share_prefix: bool = True,
     pack: bool = True,
     question_batch: int = 8,
+    share_trunk: bool = True,
 ) -> dict[str, MCResult]:
     """MC1/MC2/MC3 of ``model`` under each of ``policies`` (name -> Policy, or None for the plain model).
 
@@ -514,7 +655,10 @@ def score_mc_many(
     :func:`score_mc` per policy (it is this function with one policy). Questions go in groups of
     ``question_batch``: their contexts run as one packed forward where the model allows it, and the
     group's caches are the only ones alive (policies are scored one after another; memory does not
-    grow with the number of policies). Other arguments as in :func:`score_mc`.
+    grow with the number of policies). ``share_trunk``: run each chunk of answers' layers below a
+    policy's first edited layer once for all policies (:mod:`otguard.trunk`; same scores, where the
+    model is supported; ``False`` runs every policy's full forwards). Other arguments as in
+    :func:`score_mc`.
     """
     from tqdm.auto import tqdm
 
@@ -542,6 +686,10 @@ def score_mc_many(
             shared_cache = _new_cache(model)
             context_runner.extend(shared_cache, shared, 0, len(shared))
     runners = {name: _Runner(model, None, device) for name in names}
+    first = {name: _first_layer(policies[name]) for name in names}
+    trunk_at = _trunk_plan(model, policies, first) if share_trunk else {}
+    trunk_runner = next((runners[n] for n in names if policies[n] is None), None) if trunk_at else None
+    base_runner = trunk_runner or _Runner(model, None, device)
     scores: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     fallbacks = 0
     desc = "MC" if len(names) == 1 else f"MC x{len(names)} policies"
@@ -552,15 +700,22 @@ def score_mc_many(
             contexts, n_fallback = _contexts(context_runner, group, shared, shared_cache, pack)
             fallbacks += n_fallback
             packable = [pack and _can_pack(model, cache, context_runner.pos_ids) for cache, _ in contexts]
-            for name in names:
-                runner = runners[name]
-                with attached(policies[name], model, scope="answer") as handle:
-                    runner.handle = handle
-                    for q, (cache, last_logp), can in zip(group, contexts, packable, strict=True):
-                        values = _score_rows(runner, cache, q.cached, last_logp, q.spans, batch_size, pad,
-                                             can)  # fmt: skip
-                        scores[name].append(dict(zip(q.answers, values, strict=True)))
-                    runner.handle = None
+            if trunk_at:
+                for q, (cache, last_logp), can in zip(group, contexts, packable, strict=True):
+                    by_name = _score_question_shared(q, cache, last_logp, can, names, policies, runners,
+                                                     base_runner, trunk_at, batch_size, pad)  # fmt: skip
+                    for name in names:
+                        scores[name].append(dict(zip(q.answers, by_name[name], strict=True)))
+            else:
+                for name in names:
+                    runner = runners[name]
+                    with attached(policies[name], model, scope="answer") as handle:
+                        runner.handle = handle
+                        for q, (cache, last_logp), can in zip(group, contexts, packable, strict=True):
+                            values = _score_rows(runner, cache, q.cached, last_logp, q.spans, batch_size, pad,
+                                                 can)  # fmt: skip
+                            scores[name].append(dict(zip(q.answers, values, strict=True)))
+                        runner.handle = None
             del contexts
             bar.update(len(group))
     out: dict[str, MCResult] = {}
@@ -582,6 +737,7 @@ def score_mc_many(
                 "padded_forwards": runners[name].n_padded,
                 "question_batch": question_batch,
                 "policies_in_pass": len(names),
+                "trunk_layer": trunk_at.get(name, 0),
             }
         )
         out[name] = MCResult.from_scores(items, scores[name], info)
