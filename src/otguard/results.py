@@ -392,7 +392,8 @@ class Selection:
     ``metric``: the validation metric maximised (a metric id, e.g. "mc2"); ``kl_budget``: the largest
     validation KL allowed (None: no budget); ``kl_on``: which text that KL is measured on;
     ``frontier_questions``: the test questions behind the grid points' test metrics; ``rule``: the rule
-    in one sentence, as the report prints it; ``extra``: any other keys, kept as written.
+    in one sentence, as the report prints it; ``extra``: any other keys, kept as written (e.g. the
+    toxicity task's ``ppl_budget``, read through :attr:`ppl_budget`).
     """
 
     metric: str
@@ -401,6 +402,13 @@ class Selection:
     kl_on: str | None = None
     frontier_questions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ppl_budget(self) -> float | None:
+        """The largest validation perplexity ratio to the unsteered model allowed (``extra["ppl_budget"]``,
+        kept there so that records written before it round-trip unchanged; None: no such budget)."""
+        value = self.extra.get("ppl_budget")
+        return None if value is None else float(value)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"metric": self.metric, "kl_budget": self.kl_budget, "kl_on": self.kl_on,
@@ -793,8 +801,9 @@ def _check_selection(selection: Any, problems: list[str]) -> None:
             problems.append(f"missing key selection.{key}")
         elif not isinstance(selection[key], str):
             problems.append(f"selection.{key} must be a string")
-    if not _is_number_or_none(selection.get("kl_budget")):
-        problems.append("selection.kl_budget must be a number or null")
+    for key in ("kl_budget", "ppl_budget"):
+        if not _is_number_or_none(selection.get(key)):
+            problems.append(f"selection.{key} must be a number or null")
     if not (selection.get("kl_on") is None or isinstance(selection["kl_on"], str)):
         problems.append("selection.kl_on must be a string or null")
     n = selection.get("frontier_questions")
@@ -890,11 +899,19 @@ def _mean_values(records: Sequence[Mapping[str, float | None]]) -> dict[str, flo
     return out
 
 
+def _within_budgets(validation: Mapping[str, Any], limits: Mapping[str, float | None]) -> bool | None:
+    """Whether the known figures of ``validation`` are within their limits (None: none is known)."""
+    checks = [float(validation[key] or 0.0) <= limit for key, limit in limits.items()
+              if limit is not None and validation.get(key) is not None]  # fmt: skip
+    return all(checks) if checks else None
+
+
 def merge_sweep(
     per_fold: Sequence[Sequence[Mapping[str, Any]]],
     *,
     kl_budget: float | None = None,
     fold_ids: Sequence[int] | None = None,
+    budgets: Mapping[str, float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """A method's ``sweep`` (the JSON layout; :meth:`SweepPoint.from_dict` types it) from per-fold entries.
 
@@ -904,8 +921,11 @@ def merge_sweep(
     across folds by equal ``params`` and listed in order of first appearance. ``validation`` and ``test``
     are per metric the mean over the folds that have a finite value (None where none has; a point
     missing from a fold is averaged over the folds that have it). ``within_budget`` is true when every
-    fold's flag is (a fold without the flag takes ``validation.kl <= kl_budget`` when both are known),
-    false when one is false, else None. A fold listing the same params twice is a ``ValueError``.
+    fold's flag is, false when one is false, else None. A fold without the flag (the run writes it:
+    :meth:`otguard.harness.sweep.FoldSweep.entries`, every budget applied) takes ``validation.kl <=
+    kl_budget`` and ``validation[key] <= limit`` for each ``key: limit`` of ``budgets`` (e.g.
+    ``{"ppl_ratio": 1.5}``), each where both are known: false when one is over, true when one is known
+    and none is over. A fold listing the same params twice is a ``ValueError``.
     """
     if fold_ids is not None and len(fold_ids) != len(per_fold):
         raise ValueError(f"fold_ids has {len(fold_ids)} entries for {len(per_fold)} folds")
@@ -922,8 +942,8 @@ def merge_sweep(
             record: dict[str, Any] = {"fold": fold, "validation": validation, "test": test,
                                       "selected": bool(entry.get("selected", False))}  # fmt: skip
             within = entry.get("within_budget")
-            if within is None and kl_budget is not None and validation.get("kl") is not None:
-                within = float(validation["kl"] or 0.0) <= kl_budget
+            if within is None:
+                within = _within_budgets(validation, {"kl": kl_budget, **(budgets or {})})
             if within is not None:
                 record["within_budget"] = bool(within)
             kept = (*_SWEEP_FOLD_KEYS, "params", "within_budget")

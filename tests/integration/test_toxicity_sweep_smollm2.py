@@ -37,16 +37,17 @@ def test_toxigen_compare_with_a_two_point_grid_writes_sweep_and_selection(smollm
     sweep = saved["methods"]["mean-shift"]["sweep"]
     assert [p["params"] for p in sweep] == GRID
     for point in sweep:
-        assert set(point["validation"]) == {"nontoxic", "kl"}
+        assert set(point["validation"]) == {"nontoxic", "kl", "ppl", "ppl_ratio"}
         assert {"tox_mean", "ppl", "neutral_tox_mean", "kl"} <= set(point["test"])
     for fold, record in enumerate(saved["methods"]["mean-shift"]["folds"]):
         rows = record["sweep"]
-        want, _ = select_point([r["validation"] for r in rows], "nontoxic", 0.1)
+        want, _ = select_point([r["validation"] for r in rows], "nontoxic", 0.1, {"ppl_ratio": 1.5})
         assert [r["selected"] for r in rows] == [i == want for i in range(2)], fold
         assert record["grid_point"] == GRID[want]
         assert not set(record["sweep_groups"]) & set(record["eval_groups"]) and record["sweep_prompts"] == 4
     selection = saved["selection"]
     assert selection["metric"] == "nontoxic" and selection["kl_budget"] == 0.1
+    assert selection["ppl_budget"] == 1.5 and record["validation_reference"]["ppl"] > 1
     assert selection["reference"]["tox_mean"] is not None and selection["samples_per_prompt"] == 1
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Pareto points: test Mean toxicity vs. test KL" in report and "Grid of " in report

@@ -148,3 +148,15 @@ def test_log_axis_when_kl_spans_decades(tmp_path: Path, monkeypatch: pytest.Monk
     plot_frontier(res, tmp_path / "b.png")
     assert seen == ["log", "log", "linear", "linear"]
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_perplexity_budget_shows_in_the_grid_header_and_the_selection_text(tmp_path: Path) -> None:
+    data = json.loads(SWEEP_FIXTURE.read_text(encoding="utf-8"))
+    data["selection"]["ppl_budget"] = 1.5
+    for point in data["methods"]["iti"]["sweep"]:
+        point["validation"]["ppl_ratio"] = 1.2
+    md = write_report(data, tmp_path)[0].read_text(encoding="utf-8")
+    assert md.count("| Selected in folds | Within budgets |") == 2 and "Within KL budget" not in md
+    assert "Validation Perplexity ratio to none" in md
+    facts = "KL budget 0.1 nats (KL on validation documents); perplexity budget 1.5× the unsteered model's"
+    assert facts in md

@@ -189,6 +189,7 @@ def _sweep(data: dict[str, Any]) -> list[dict[str, Any]]:
         (lambda d: _sweep(d)[0]["folds"].append(3), "methods.iti.sweep[0].folds[2] must be an object"),
         (lambda d: d["selection"].pop("rule"), "missing key selection.rule"),
         (lambda d: d["selection"].update(kl_budget="0.1"), "selection.kl_budget must be a number or null"),
+        (lambda d: d["selection"].update(ppl_budget="1.5"), "selection.ppl_budget must be a number or null"),
         (lambda d: d.update(selection=["mc2"]), "selection must be an object or null"),
     ],
 )  # fmt: skip

@@ -16,9 +16,11 @@ import pytest
 from otguard.data import group_kfold
 from otguard.errors import ConfigError
 from otguard.evaluation import toxicity_gen
+from otguard.evaluation.toxicity_gen import continuation_perplexity
+from otguard.evaluation.toxicity_metrics import mean_perplexity
 from otguard.harness.config import CompareConfig
 from otguard.harness.run import CompareRun
-from otguard.harness.sweep import select_point, selection_record, task_selection_metrics
+from otguard.harness.sweep import budget_flags, select_point, selection_record, task_selection_metrics
 from otguard.harness.toxicity import ToxicityTask
 from otguard.harness.toxicity_sweep import NONTOXIC, SWEEP_SAMPLES
 from tests.tiny_models import tiny_lm, word_tokenizer
@@ -56,6 +58,11 @@ def _write_toxigen(root: Path) -> Path:
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
+    return make_toy(monkeypatch, tmp_path)
+
+
+def make_toy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[CompareConfig, Any, Any]:
+    """A toxigen run over five toy groups with the fake scorer: (config, tiny model, tokenizer)."""
     monkeypatch.setenv("OTGUARD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("otguard.evaluation.factory.make_scorer", lambda *a, **k: HashScorer())
     data = _write_toxigen(tmp_path / "data")
@@ -137,7 +144,11 @@ def test_every_grid_point_sees_the_same_prompts_and_seed(toy, monkeypatch) -> No
                   seed=config.seed + 500, batch_size=4)  # fmt: skip
     want = 1.0 - HashScorer().score([t for ts in direct.texts for t in ts]).mean()
     assert got["m#0"][NONTOXIC] == pytest.approx(want, abs=1e-12)
-    assert got == {k: {NONTOXIC: got["m#0"][NONTOXIC]} for k in points}  # all unsteered here
+    # the perplexity of the same continuations under the fluency model (here the model itself)
+    ppl = mean_perplexity(continuation_perplexity(model, direct.prompt_ids, direct.token_ids, batch_size=4))
+    assert got["m#0"]["ppl"] == pytest.approx(ppl[0], rel=1e-6)
+    same = {NONTOXIC: got["m#0"][NONTOXIC], "ppl": got["m#0"]["ppl"], "ppl_ratio": 1.0}
+    assert got == {k: same for k in points}  # all unsteered here
     calls.clear()
     front = task.frontier(points)
     assert len(calls) == 4 and calls[0] == calls[2] and calls[1] == calls[3]  # hate, neutral per policy
@@ -166,24 +177,39 @@ def test_the_choice_never_reads_the_test_prompts_and_the_frontier_has_every_poin
     points = [{**p, "epochs": 3} for p in GRID]  # the fixed parameter joins every point
     assert [p.params for p in sweep] == points
     for a, b in zip(sweep, bad, strict=True):
+        # the ppl figures too: the validation continuations are of validation prompts only
         assert a.validation == b.validation and a.selected_folds == b.selected_folds
-        assert set(a.validation) == {NONTOXIC, "kl"} and {"tox_mean", "neutral_tox_mean", "kl"} <= set(a.test)
+        assert set(a.validation) == {NONTOXIC, "kl", "ppl", "ppl_ratio"}
+        assert {"tox_mean", "neutral_tox_mean", "kl", "ppl"} <= set(a.test)
     chosen = [f.meta["grid_point"] for f in clean.methods["mean-shift"].folds]
     assert chosen == [f.meta["grid_point"] for f in poisoned.methods["mean-shift"].folds]
     # the poison did reach the test side: the frontier's and the rows' test figures moved
     assert [p.test["tox_mean"] for p in sweep] != [p.test["tox_mean"] for p in bad]
+    assert [p.test["ppl"] for p in sweep] != [p.test["ppl"] for p in bad]
+    refs = [f.meta["validation_reference"] for f in clean.methods["mean-shift"].folds]
+    assert refs == [f.meta["validation_reference"] for f in poisoned.methods["mean-shift"].folds]
     assert clean.summary("none", "tox_mean") != poisoned.summary("none", "tox_mean")
     # each fold's choice is select_point on that fold's own validation rows
     saved = json.loads((tmp_path / "clean" / "results.json").read_text())
+    unbudgeted: list[bool] = []
     for fold, record in enumerate(saved["methods"]["mean-shift"]["folds"]):
         rows = record["sweep"]  # a fold record's facts sit next to its fold number
-        want, within = select_point([r["validation"] for r in rows], NONTOXIC, None)
-        assert within and [r["selected"] for r in rows] == [i == want for i in range(len(GRID))], fold
+        assert config.ppl_budget == 1.5  # the toxicity task's default ("auto")
+        val = [r["validation"] for r in rows]
+        want, within = select_point(val, NONTOXIC, None, {"ppl_ratio": 1.5})
+        assert [r["selected"] for r in rows] == [i == want for i in range(len(GRID))], fold
+        assert [r["within_budget"] for r in rows] == budget_flags(val, None, {"ppl_ratio": 1.5})
+        assert rows[want]["within_budget"] is within
+        unbudgeted.append(select_point(val, NONTOXIC, None)[0] != want)
+        ref = record["validation_reference"]["ppl"]
+        assert [r["ppl_ratio"] for r in val] == pytest.approx([r["ppl"] / ref for r in val], rel=1e-12)
         assert record["grid_point"] == points[want]
         assert set(record["sweep_groups"]) < set(record["detector_groups"])  # validation groups, never test
         assert not set(record["sweep_groups"]) & set(record["eval_groups"])
         assert record["frontier_reference"]["kl"] == 0.0 and "tox_mean" in record["frontier_reference"]
+    assert any(unbudgeted)  # the budget changed a choice here (the best nontoxic point was too perplexing)
     sel = saved["selection"]
+    assert sel["ppl_budget"] == 1.5 and "(under the fluency model) <= 1.5x the unsteered" in sel["rule"]
     assert sel["metric"] == NONTOXIC and "validation groups" in sel["validation_questions"]
     assert "nontoxic" in sel["rule"] and sel["reference"]["tox_mean"] is not None
     report = (tmp_path / "clean" / "report.md").read_text()

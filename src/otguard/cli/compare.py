@@ -113,6 +113,14 @@ def _add_compare(sub: Any) -> None:
         help="largest validation KL (nats/token) a chosen grid point may have (none: no budget)",
     )
     sw.add_argument(
+        "--ppl-budget",
+        default=str(default("ppl_budget")),
+        metavar="RATIO|none",
+        help="toxigen: largest perplexity of a chosen grid point's validation continuations, as a ratio "
+        "(> 1) to the unsteered model's (none: no budget; auto: 1.5 for toxigen, none for truthfulqa, "
+        "whose validation samples no continuations and which refuses a number)",
+    )
+    sw.add_argument(
         "--sweep-docs",
         type=count_or_auto,
         default=default("sweep_docs"),
@@ -231,6 +239,15 @@ def _compare_config(args: argparse.Namespace) -> Any:
         raise ConfigError(
             f"--kl-budget must be a number of nats per token or 'none'; got {args.kl_budget!r}."
         ) from None
+    ppl_text = str(args.ppl_budget).strip().lower()
+    try:
+        ppl_budget: float | str | None = (
+            ppl_text if ppl_text == "auto" else (None if ppl_text in ("none", "") else float(ppl_text))
+        )
+    except ValueError:
+        raise ConfigError(
+            f"--ppl-budget must be a perplexity ratio > 1, 'none' or 'auto'; got {args.ppl_budget!r}."
+        ) from None
     rate_text = str(args.max_false_flag_rate).strip().lower()
     try:
         max_ffr: float | str | None = (
@@ -258,7 +275,7 @@ def _compare_config(args: argparse.Namespace) -> Any:
         continuation_tokens=args.continuation_tokens, top_p=args.top_p, scorer=args.scorer,
         fluency_model=args.fluency_model, sweep=args.sweep, grids=grids, select_by=args.select_by,
         kl_budget=kl_budget, sweep_docs=args.sweep_docs, frontier_questions=args.frontier_questions,
-        sweep_questions=args.sweep_questions, sweep_tokens=args.sweep_tokens,
+        sweep_questions=args.sweep_questions, sweep_tokens=args.sweep_tokens, ppl_budget=ppl_budget,
         max_false_flag_rate=max_ffr,
     )  # fmt: skip
 

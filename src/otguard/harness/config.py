@@ -104,6 +104,11 @@ class CompareConfig:
     # (TruthfulQA: mc2, toxigen: nontoxic; sweep.task_selection_metrics)
     select_by: str = "auto"
     kl_budget: float | None = 0.1  # nats/token on validation documents; None: no budget
+    # largest perplexity of a grid point's validation continuations, as a ratio (> 1) to the unsteered
+    # model's on the same prompts and seed; None: no budget. "auto": the task's default_ppl_budget
+    # (toxigen: 1.5); a task whose validation samples no continuations (TruthfulQA) has none and
+    # refuses a number
+    ppl_budget: float | str | None = "auto"
     sweep_questions: int | str = "auto"  # per fold: validation questions that score the grid points (0: all)
     sweep_docs: int | str = "auto"  # validation documents for the grid points' KL, in all (across folds)
     sweep_tokens: int = 64  # tokens per document for the grid points' KL (validation and frontier)
@@ -132,9 +137,12 @@ class CompareConfig:
                 full = task_sizes.get(name, full)  # a task whose samples cost more sets its own size
                 setattr(self, name, full if limit is None else min(full, max(floor, limit // divisor)))
         self.kappa_grid = tuple(self.kappa_grid)
+        known = self.dataset in TASKS
         if self.max_false_flag_rate == "auto":  # the default where the task can calibrate its gates
             calibrates = self.dataset in TASKS and task_class(self.dataset).calibrates_gates
             self.max_false_flag_rate = DEFAULT_MAX_FALSE_FLAG_RATE if calibrates else None
+        if self.ppl_budget == "auto":  # the task's default perplexity budget (None: the task has none)
+            self.ppl_budget = getattr(task_class(self.dataset), "default_ppl_budget", None) if known else None
         if self.select_by == "auto":  # the task's default validation score
             from otguard.harness.sweep import task_selection_metrics
 
@@ -226,6 +234,14 @@ class CompareConfig:
             out.append(f"select_by must be one of {', '.join(scores)}; got {self.select_by!r}")
         if self.kl_budget is not None and not (_is_real(self.kl_budget) and self.kl_budget > 0):
             out.append(f"kl_budget must be a number > 0 (nats per token) or None; got {self.kl_budget!r}")
+        if self.ppl_budget is not None:
+            budget = self.ppl_budget
+            if not (isinstance(budget, int | float) and _is_real(budget) and budget > 1):
+                out.append("ppl_budget must be a ratio > 1 to the unsteered model's validation perplexity, "
+                           f"or None; got {self.ppl_budget!r}")  # fmt: skip
+            elif self.dataset in TASKS and not hasattr(task_class(self.dataset), "default_ppl_budget"):
+                out.append(f"ppl_budget applies to toxigen only ({self.dataset}'s validation samples no "
+                           "continuations); pass none")  # fmt: skip
         rate = self.max_false_flag_rate
         if rate is not None and not (isinstance(rate, int | float) and _is_real(rate) and 0.0 < rate < 1.0):
             out.append(f"max_false_flag_rate must be in (0, 1) or None; got {self.max_false_flag_rate!r}")

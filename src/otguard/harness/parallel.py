@@ -115,6 +115,8 @@ def _child(
             for key, value in run_fold(fold).items():
                 seconds[key] = seconds.get(key, 0.0) + value
         conn.send(("ok", seconds))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it
+        os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         logger.error("fold %d failed in its worker:\n%s", fold, traceback.format_exc())

@@ -40,7 +40,7 @@ from otguard.harness.config import CompareConfig
 from otguard.harness.registry import task_class
 from otguard.harness.resume import PartialResult, PartialStore
 from otguard.harness.summary import BASELINE, FLAGGED, HEADS, method_result, pick_examples
-from otguard.harness.sweep import FoldSweep
+from otguard.harness.sweep import FoldSweep, extra_budgets
 from otguard.harness.task import StageTimer, Task
 from otguard.io import atomic_write_text, package_version, prepare_output_dir, write_marker
 from otguard.results import DetectorRecord, FoldRecord, MethodResult, RunResults
@@ -455,14 +455,15 @@ class CompareRun:
             kls = self._grid_kls(self.val_docs[fold :: cfg.folds], points)
         for name, sw in swept.items():
             sw.validation = _per_point(name, sw, scores, kls)
-            # RADIANT@paper keeps its layer by validation True×Info alone, as published (no KL budget).
+            # RADIANT@paper keeps its layer by validation True×Info alone, as published (no budgets).
             paper = name.endswith("@paper")
-            sw.choose(cfg.kl_budget if kls and not paper else None)
+            sw.choose(cfg.kl_budget if kls and not paper else None, None if paper else extra_budgets(cfg))
             logger.info(
-                "fold %d %s: chose %s of %d grid points (validation %s %.4f, KL %s%s)",
+                "fold %d %s: chose %s of %d grid points (validation %s %.4f, KL %s, ppl ratio %s%s)",
                 fold, name, sw.params[sw.selected], len(sw.params), sw.metric,
                 float(sw.validation[sw.selected].get(sw.metric) or float("nan")),
-                sw.validation[sw.selected].get("kl"), "" if sw.within_budget else ", none within the budget",
+                sw.validation[sw.selected].get("kl"), sw.validation[sw.selected].get("ppl_ratio"),
+                "" if sw.within_budget else ", none within the budgets",
             )  # fmt: skip
 
     def _assemble(

@@ -9,9 +9,11 @@ of methods at fixed defaults says little about which one is better. For every sw
 2. measures each point on the training fold's **validation** questions (MC2, or the judged True×Info
    for RADIANT's published layer sweep) and its KL on **validation documents**, disjoint from the test
    documents (:func:`validation_documents`);
-3. keeps the point with the best validation score among those whose validation KL is within
-   ``kl_budget`` (ties: the lower KL, then grid order); when no point is within the budget, the one
-   with the lowest KL, marked ``within_budget: false`` (:func:`select_point`);
+3. keeps the point with the best validation score among those within every budget: validation KL
+   within ``kl_budget`` and, where the task measures it (toxicity), the perplexity of the point's
+   validation continuations within ``ppl_budget`` times the unsteered model's (``ppl_ratio``; ties:
+   the lower KL, then grid order); when no point is within the budgets, the gentlest, marked
+   ``within_budget: false`` (:func:`select_point`);
 4. evaluates the kept point fully on the test questions (the method's row), and every point of the grid,
    the kept one included, alike on a seeded sample of test questions (MC1/MC2 and judged answers) and
    on a few test documents (KL, ``sweep_tokens`` each), for the frontier (``results.json`` ``sweep``;
@@ -42,12 +44,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PAPER",
+    "PPL_RATIO",
     "SELECTION_METRICS",
     "FoldSweep",
     "expand_grid",
     "method_grid",
     "parse_grid_option",
     "parse_param_option",
+    "budget_flags",
+    "budget_text",
+    "extra_budgets",
     "select_point",
     "selection_record",
     "split_variant",
@@ -74,6 +80,16 @@ def task_selection_metrics(dataset: str) -> tuple[str, ...]:
 
 
 _TIE = 1e-12
+#: The validation figure of the perplexity budget: the perplexity of a grid point's validation
+#: continuations over the unsteered model's on the same prompts and seed (toxicity task only).
+PPL_RATIO = "ppl_ratio"
+
+
+def extra_budgets(config: CompareConfig) -> dict[str, float]:
+    """The run's budgets besides KL, by validation figure: ``{"ppl_ratio": ppl_budget}`` when it is set
+    (the toxicity task; TruthfulQA's rows carry no ``ppl_ratio``, so none applies there)."""
+    budget = config.ppl_budget
+    return {PPL_RATIO: float(budget)} if isinstance(budget, int | float) else {}
 
 
 def split_variant(method_id: str) -> tuple[str, str | None]:
@@ -176,36 +192,75 @@ def validation_documents(all_docs: Sequence[str], test_docs: Sequence[str], n: i
     return sample_documents(rest, n, seed=seed + 7919) if rest else []
 
 
-def select_point(rows: Sequence[Mapping[str, Any]], metric: str, kl_budget: float | None) -> tuple[int, bool]:
-    """Index of the chosen grid point and whether it is within the KL budget.
+def _num(v: Any) -> float:
+    return float(v) if v is not None and math.isfinite(float(v)) else math.nan
 
-    ``rows[i]`` holds the point's validation ``metric`` and ``kl`` (None / NaN: not measured). Among the
-    points with ``kl <= kl_budget`` (all points when the budget is None or no KL was measured), the
-    highest ``metric`` wins; ties go to the lower KL, then to the earlier point. When no point is within
-    the budget, the point with the lowest KL is returned with ``False``.
+
+def budget_flags(
+    rows: Sequence[Mapping[str, Any]],
+    kl_budget: float | None,
+    budgets: Mapping[str, float | None] | None = None,
+) -> list[bool]:
+    """Per row, whether it is within every budget: ``kl <= kl_budget`` and ``row[key] <= limit`` for each
+    ``key: limit`` of ``budgets`` (inclusive). A budget is off when its limit is None or no row carries a
+    finite value of its figure (TruthfulQA's rows carry no ``ppl_ratio``); otherwise a row without a
+    finite value is not within it (not known to be; e.g. a perplexity the protocol could not average)."""
+    limits = {"kl": kl_budget, **(budgets or {})}
+    flags = [True] * len(rows)
+    for key, limit in limits.items():
+        values = [_num(r.get(key)) for r in rows]
+        if limit is None or not any(math.isfinite(v) for v in values):
+            continue
+        for i, v in enumerate(values):
+            flags[i] = flags[i] and math.isfinite(v) and v <= float(limit) + _TIE
+    return flags
+
+
+def select_point(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    kl_budget: float | None,
+    budgets: Mapping[str, float | None] | None = None,
+) -> tuple[int, bool]:
+    """Index of the chosen grid point and whether it is within the budgets.
+
+    ``rows[i]`` holds the point's validation ``metric``, ``kl`` and the figures that ``budgets`` names
+    (e.g. ``{"ppl_ratio": 1.5}``; None / NaN: not measured). Among the points within every budget
+    (:func:`budget_flags`), the highest ``metric`` wins; ties go to the lower KL, then to the earlier
+    point. When no point is within the budgets, the gentlest is returned with ``False``: the lowest KL
+    among the points within the other budgets (``budgets``: fluency is kept where it can be), else the
+    lowest KL of all; without any KL, the lowest values of ``budgets``' figures, in their order.
     """
     if not rows:
         raise ValueError("select_point needs at least one grid point.")
-
-    def num(v: Any) -> float:
-        return float(v) if v is not None and math.isfinite(float(v)) else math.nan
-
-    kls = [num(r.get("kl")) for r in rows]
-    scores = [num(r.get(metric)) for r in rows]
-    has_kl = any(math.isfinite(k) for k in kls)
-    if kl_budget is None or not has_kl:
-        allowed = list(range(len(rows)))
-    else:
-        allowed = [i for i, k in enumerate(kls) if math.isfinite(k) and k <= kl_budget + _TIE]
+    kls = [_num(r.get("kl")) for r in rows]
+    scores = [_num(r.get(metric)) for r in rows]
+    allowed = [i for i, ok in enumerate(budget_flags(rows, kl_budget, budgets)) if ok]
     if not allowed:
-        best_kl = min(k for k in kls if math.isfinite(k))
-        return next(i for i, k in enumerate(kls) if k == best_kl), False
+        return _gentlest(rows, kls, budgets or {}), False
     scored = [i for i in allowed if math.isfinite(scores[i])]
     if not scored:  # nothing measured: the gentlest allowed point
         return min(allowed, key=lambda i: (kls[i] if math.isfinite(kls[i]) else 0.0, i)), True
     top = max(scores[i] for i in scored)
     tied = [i for i in scored if scores[i] >= top - _TIE]
     return min(tied, key=lambda i: (kls[i] if math.isfinite(kls[i]) else 0.0, i)), True
+
+
+def _gentlest(
+    rows: Sequence[Mapping[str, Any]], kls: list[float], budgets: Mapping[str, float | None]
+) -> int:
+    """The fallback of :func:`select_point` when no point is within the budgets."""
+    within = [i for i, ok in enumerate(budget_flags(rows, None, budgets)) if ok]
+    for pool in (within, range(len(rows))):
+        measured = [i for i in pool if math.isfinite(kls[i])]
+        if measured:
+            return min(measured, key=lambda i: (kls[i], i))
+
+    def key(i: int) -> tuple[float, ...]:
+        values = [_num(rows[i].get(k)) for k in budgets]
+        return (*[v if math.isfinite(v) else math.inf for v in values], float(i))
+
+    return min(range(len(rows)), key=key)
 
 
 @dataclass
@@ -231,16 +286,11 @@ class FoldSweep:
     def policy(self) -> Policy:
         return self.policies[self.selected]
 
-    def choose(self, kl_budget: float | None) -> int:
-        """Apply :func:`select_point` to the validation figures; returns the chosen index."""
-        self.selected, self.within_budget = select_point(self.validation, self.metric, kl_budget)
-        self.budget_ok = []
-        for row in self.validation:
-            kl = row.get("kl")
-            if kl_budget is None or kl is None or not math.isfinite(float(kl)):
-                self.budget_ok.append(True)
-            else:
-                self.budget_ok.append(float(kl) <= kl_budget + _TIE)
+    def choose(self, kl_budget: float | None, budgets: Mapping[str, float | None] | None = None) -> int:
+        """Apply :func:`select_point` to the validation figures (KL and ``budgets``, e.g.
+        ``{"ppl_ratio": 1.5}``); returns the chosen index. ``budget_ok``: each point within every budget."""
+        self.selected, self.within_budget = select_point(self.validation, self.metric, kl_budget, budgets)
+        self.budget_ok = budget_flags(self.validation, kl_budget, budgets)
         return self.selected
 
     def entries(self, fold: int) -> list[dict[str, Any]]:
@@ -311,12 +361,26 @@ def fit_grid(
     return FoldSweep(method_id, metric, grid, list(policies))
 
 
+def budget_text(config: CompareConfig) -> str:
+    """The budgets of the rule as its sentence states them ("with validation KL <= 0.1 nats/token ...")."""
+    parts = []
+    if config.kl_budget is not None:
+        parts.append(f"validation KL <= {config.kl_budget:g} nats/token")
+    ppl = extra_budgets(config).get(PPL_RATIO)
+    if ppl is not None:
+        parts.append(
+            f"a perplexity of their validation continuations (under the fluency model) <= {ppl:g}x the "
+            "unsteered model's on the same prompts and seed"
+        )
+    return "with " + " and ".join(parts) if parts else "of the grid"
+
+
 def selection_record(config: CompareConfig) -> dict[str, Any]:
     """The selection rule as ``results.json`` records it (run level)."""
-    budget = config.kl_budget
     record = {
         "metric": config.select_by,
-        "kl_budget": budget,
+        "kl_budget": config.kl_budget,
+        "ppl_budget": config.ppl_budget,
         "kl_on": "validation documents (disjoint from the test documents)",
         "validation_questions": (
             f"a seeded sample of up to {config.sweep_questions} validation questions of the training fold"
@@ -334,7 +398,7 @@ def selection_record(config: CompareConfig) -> dict[str, Any]:
         ),
         "rule": (
             f"per fold, the grid point with the highest validation {config.select_by.upper()} among those "
-            + (f"with validation KL <= {budget:g} nats/token" if budget is not None else "of the grid")
+            + budget_text(config)
             + " (ties: lower KL, then grid order); if none is within the budget, the lowest-KL point. "
             "RADIANT@paper keeps its layer by validation True×Info of generated answers (its own rule)."
         ),

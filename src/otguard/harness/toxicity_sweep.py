@@ -2,14 +2,20 @@
 
 Mixed into :class:`otguard.harness.toxicity.ToxicityTask`; the rule is TruthfulQA's
 (:func:`otguard.harness.sweep.select_point`: the highest validation score among the grid points whose KL
-on validation documents is within ``kl_budget``, computed by the fold loop), only the score differs:
+on validation documents is within ``kl_budget``, computed by the fold loop), with the score and one more
+budget of this task's own (``ppl_ratio`` within ``ppl_budget``):
 
 - :meth:`validate` scores each grid point by ``nontoxic`` = 1 − the mean toxicity score of nucleus-sampled
   continuations of a seeded sample of ``sweep_questions`` ToxiGen hate prompts of the fold's
   **validation groups** (the groups the detector's thresholds and layer are chosen on; the training
   groups when the split has none), never of a test group. Mean toxicity, not the toxicity probability
   (a prompt with any sample above 0.5), because it does not depend on the number of samples and is the
-  least noisy of the three on a small sample.
+  least noisy of the three on a small sample. The same continuations give ``ppl`` (their perplexity
+  under the fluency model, as the frontier measures it) and ``ppl_ratio`` = ``ppl`` / the unsteered
+  model's on the same prompts and seed (sampled once per fold): the rule's perplexity budget
+  (``ppl_budget``, default :data:`DEFAULT_PPL_BUDGET`). KL on news documents misses what steering does to
+  the task's own continuations: the full run's SLIM κ = 40 was within the KL budget (0.089) with a
+  continuation perplexity of 109 against the unsteered model's 20.8.
 - :meth:`frontier` scores every grid point, and the unsteered model (``none#reference``), alike on a
   seeded sample of ``frontier_questions`` of the fold's test hate prompts (``tox_mean``, and ``ppl``:
   perplexity of the continuations under the reference model) and a quarter as many of its neutral
@@ -34,6 +40,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from otguard.harness.sweep import PPL_RATIO
+
 if TYPE_CHECKING:
     from otguard.data.splits import Split
     from otguard.evaluation.toxicity_gen import Prompt, Samples
@@ -42,10 +50,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NONTOXIC", "SWEEP_SAMPLES", "ToxicitySweeps", "sweep_prompt_pool"]
+__all__ = ["DEFAULT_PPL_BUDGET", "NONTOXIC", "SWEEP_SAMPLES", "ToxicitySweeps", "sweep_prompt_pool"]
 
 #: The toxicity task's validation score (higher is better): 1 − mean toxicity of sampled continuations.
 NONTOXIC = "nontoxic"
+#: ``ppl_budget="auto"`` for this task: a grid point's validation continuations may be at most 1.5 times as
+#: perplexing as the unsteered model's (the full run's broken SLIM point was 5.2 times).
+DEFAULT_PPL_BUDGET = 1.5
 #: Continuations per prompt in the validation and frontier passes (at most the run's ``samples``).
 SWEEP_SAMPLES = 2
 # Seed offsets of the sweep's prompt samples and of their sampled continuations (per fold).
@@ -84,6 +95,8 @@ class ToxicitySweeps:
     # every grid point samples continuations per prompt: 16 validation and 16 frontier prompts per fold
     # keep the sweep of the default grids to minutes (40 each took ~23 min more on the 2-core machine)
     auto_sizes: ClassVar[dict[str, int]] = {"sweep_questions": 16, "frontier_questions": 16}
+    #: ``CompareConfig.ppl_budget="auto"`` resolves to this (a task without the attribute takes no budget).
+    default_ppl_budget: ClassVar[float | None] = DEFAULT_PPL_BUDGET
     # set by ToxicityTask
     config: Any
     model: Any
@@ -112,6 +125,7 @@ class ToxicitySweeps:
         from otguard.methods.stage3 import sample_questions
 
         cfg = self.config
+        self._val_reference: tuple[int, dict[str, float]] | None = None  # (fold, the unsteered figures)
         self.sweep_prompts: list[Prompt] = []
         self.frontier_prompts: list[Prompt] = []
         self.frontier_neutral: list[Prompt] = []
@@ -164,21 +178,51 @@ class ToxicitySweeps:
     def validate(
         self, points: dict[str, Policy | None], metrics: dict[str, str]
     ) -> dict[str, dict[str, float]]:
-        """``nontoxic`` of every grid point on the fold's validation prompts (never a test prompt)."""
+        """``nontoxic``, ``ppl`` and ``ppl_ratio`` of every grid point on the fold's validation prompts
+        (never a test prompt); ``ppl_ratio`` divides by the unsteered model's ``ppl`` on the same prompts
+        and seed (:meth:`validation_reference`, sampled once per fold)."""
         unknown = sorted({m for m in metrics.values() if m not in self.selection_metrics})
         if unknown:
             raise ValueError(f"the toxicity task scores grid points by {NONTOXIC}, not {', '.join(unknown)}")
-        prompts = self.sweep_prompts
-        if not prompts:
+        if not self.sweep_prompts:
             logger.warning("fold %d: no validation prompts; the grid points are not scored", self.fold)
             return {k: {} for k in points}
-        seed = self.config.seed + 1000 * self.fold + _VAL_DRAW
+        reference = self.validation_reference()
+        ref_ppl = reference.get("ppl", math.nan)
 
         def figures(policy: Policy | None) -> dict[str, float]:
-            scores = self._score(self._sweep_sample(prompts, policy, seed))
-            return _finite({NONTOXIC: 1.0 - float(np.nanmean(scores))})
+            out = dict(reference) if policy is None else self._validation_figures(policy)
+            out[PPL_RATIO] = out.get("ppl", math.nan) / ref_ppl
+            return _finite(out)
 
         return self._each_policy(points, figures)  # timed by the fold loop's stage
+
+    def validation_reference(self) -> dict[str, float]:
+        """The unsteered model's validation figures (``nontoxic``, ``ppl``): the denominator of every grid
+        point's ``ppl_ratio``, measured once per fold (memoised) and recorded in the fold's
+        ``fold_meta`` as ``validation_reference``."""
+        memo = getattr(self, "_val_reference", None)
+        if memo is not None and memo[0] == self.fold:
+            return dict(memo[1])
+        figures = _finite(self._validation_figures(None))
+        self._val_reference = (self.fold, figures)
+        meta = getattr(self, "fold_meta", None)
+        if isinstance(meta, dict):
+            meta["validation_reference"] = dict(figures)
+        return dict(figures)
+
+    def _validation_figures(self, policy: Policy | None) -> dict[str, float]:
+        """``nontoxic`` and ``ppl`` of ``policy``'s continuations of the validation prompts (NaN where the
+        protocol cannot average: every perplexity >= 10^4)."""
+        from otguard.evaluation.toxicity_gen import continuation_perplexity
+        from otguard.evaluation.toxicity_metrics import mean_perplexity
+
+        seed = self.config.seed + 1000 * self.fold + _VAL_DRAW
+        samples = self._sweep_sample(self.sweep_prompts, policy, seed)
+        batch = max(1, self.config.batch_size // self._sweep_samples)
+        ppl = continuation_perplexity(self.fluency or self.model, samples.prompt_ids, samples.token_ids,
+                                      batch_size=batch)  # fmt: skip
+        return {NONTOXIC: 1.0 - float(np.nanmean(self._score(samples))), "ppl": mean_perplexity(ppl)[0]}
 
     def frontier(self, points: dict[str, Policy | None]) -> dict[str, dict[str, float]]:
         """Test figures of every grid point on the frontier's test prompts: mean toxicity, perplexity,
@@ -206,8 +250,10 @@ class ToxicitySweeps:
     @classmethod
     def selection_texts(cls, config: CompareConfig) -> dict[str, Any]:
         """The parts of ``results.json``'s ``selection`` record that differ from TruthfulQA's."""
+        from otguard.harness.sweep import budget_text
+
         n = max(1, min(SWEEP_SAMPLES, int(config.samples)))
-        budget, n_front = config.kl_budget, int(config.frontier_questions)
+        n_front = int(config.frontier_questions)
         docs = max(1, int(config.sweep_docs) // config.folds)
         val = (
             f"a seeded sample of up to {config.sweep_questions} ToxiGen hate prompts"
@@ -218,6 +264,9 @@ class ToxicitySweeps:
             "validation_questions": f"{val} of the training fold's validation groups (never a test group), "
             f"{n} sampled continuation(s) each",
             "samples_per_prompt": n,
+            "ppl_budget": config.ppl_budget,
+            "ppl_on": "the validation continuations, under the fluency model, as a ratio to the unsteered "
+            "model's perplexity on the same prompts and seed",
             "frontier": (
                 "every grid point, the chosen one included, on a seeded sample of up to "
                 f"{n_front} test hate prompts per fold (mean toxicity, perplexity) and "
@@ -229,8 +278,13 @@ class ToxicitySweeps:
             "rule": (
                 f"per fold, the grid point with the highest validation {NONTOXIC} (1 − mean toxicity of "
                 "sampled continuations) among those "
-                + (f"with validation KL <= {budget:g} nats/token" if budget is not None else "of the grid")
-                + " (ties: lower KL, then grid order); if none is within the budget, the lowest-KL point. "
-                f"RADIANT@paper keeps its layer by validation {NONTOXIC} alone (its generation-based rule)."
+                + budget_text(config)
+                + " (ties: lower KL, then grid order); if none is within the budgets, the lowest-KL point"
+                + (
+                    " among those within the perplexity budget, else the lowest-KL point. "
+                    if config.ppl_budget is not None
+                    else ". "
+                )
+                + f"RADIANT@paper keeps its layer by validation {NONTOXIC} alone (its generation-based rule)."
             ),
         }

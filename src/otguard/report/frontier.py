@@ -38,7 +38,11 @@ __all__ = [
 FRONTIER_PANELS: tuple[tuple[str, str], ...] = (("mc2", "kl"), ("true", "kl"), ("tox_mean", "kl"))
 _UNITS = {"kl": "nats", "ce": "nats"}
 #: Metrics only the sweeps have (no catalogue entry): their label and direction.
-_SWEEP_ONLY = {"nontoxic": ("Non-toxicity (1 − mean toxicity)", True)}
+_SWEEP_ONLY = {
+    "nontoxic": ("Non-toxicity (1 − mean toxicity)", True),
+    "ppl": ("Perplexity of the continuations", False),
+    "ppl_ratio": ("Perplexity ratio to none", False),
+}
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,8 @@ def _ordered_ids(results: RunResults, keys: list[str]) -> list[str]:
 
 def sweep_table(results: RunResults, method: str) -> tuple[list[str], list[list[Cell]]]:
     """Header and rows of one method's grid: params, validation and test means, the folds that chose the
-    point and whether it kept the KL budget (empty when the method has no sweep). Bold params: chosen."""
+    point and whether it kept the budgets (KL; perplexity where the run has one; empty when the method has
+    no sweep). Bold params: chosen."""
     entry = results.methods.get(method)
     sweep: list[SweepPoint] = (entry.sweep or []) if entry is not None else []
     if not sweep:
@@ -179,7 +184,8 @@ def sweep_table(results: RunResults, method: str) -> tuple[list[str], list[list[
     header = ["Params"]
     header += [f"Validation {specs[k].heading}" for k in val_ids]
     header += [f"Test {specs[k].heading}" for k in test_ids]
-    header += ["Selected in folds", "Within KL budget"]
+    header += ["Selected in folds", "Within budgets" if results.selection and results.selection.ppl_budget
+               else "Within KL budget"]
     rows = []
     for point in sweep:
         row = [Cell(params_text(point.params), point.selected)]
@@ -205,6 +211,9 @@ def selection_text(results: RunResults) -> str:
         facts.append(budget + (f" (KL on {sel.kl_on})" if sel.kl_on else ""))
     else:
         facts.append("no KL budget")
+    if sel.ppl_budget is not None:
+        facts.append(f"perplexity budget {sel.ppl_budget:g}× the unsteered model's on the validation "
+                     "continuations")  # fmt: skip
     text = "; ".join(facts)
     parts.append(text[0].upper() + text[1:] + ".")
     if sel.frontier_questions is not None:
