@@ -350,7 +350,8 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
 
     Two panels, test MC2 and (when the sweeps have it) judged True against test KL, one curve per swept
     method through its grid points sorted by KL; a star marks a point some fold's validation rule
-    chose, a hollow marker a point outside the KL budget. Methods run at one setting are references:
+    chose, a hollow marker a point outside the budgets (KL; and perplexity where the run has one: the
+    vertical line shows the KL budget only). Methods run at one setting are references:
     ``none`` a dashed line, variant rows (``iti@paper``) and other methods a marker in their method's
     colour. The x axis turns logarithmic when KL spans decades, so small-KL points stay apart.
     """
@@ -472,6 +473,8 @@ def plot_frontier(results: ResultsLike, path: str | os.PathLike[str]) -> Path | 
         Line2D([], [], marker="*", markersize=12, color="grey", markeredgecolor="black", linestyle="none"),
         Line2D([], [], marker="o", markersize=5, color="grey", markerfacecolor="white", linestyle="none"),
     ]
-    labels += ["chosen on validation (some fold)", "outside the KL budget"]
+    ppl_budget = res.selection.ppl_budget if res.selection is not None else None
+    outside = "outside the KL budget" if ppl_budget is None else "outside the KL or perplexity budget"
+    labels += ["chosen on validation (some fold)", outside]
     axes[-1].legend(handles, labels, fontsize=7, loc="best", framealpha=0.85)
     return _save_figure(fig, path)
