@@ -58,6 +58,20 @@ GPT2: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# OPT: learned positions, separate q/k/v projections, 64 positions; dropout off.
+OPT: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=64,
+    word_embed_proj_dim=32,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    pad_token_id=0,
+    init_std=0.2,
+)
 # Gemma-2: the Llama fields plus one sliding-window layer before a full-attention one.
 GEMMA2: dict[str, Any] = dict(LLAMA, sliding_window=48, layer_types=["sliding_attention", "full_attention"])
 

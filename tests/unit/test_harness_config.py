@@ -279,6 +279,10 @@ def test_cli_sweep_options_build_the_configuration() -> None:
         (["--kl-budget", "lots"], "--kl-budget must be a number of nats per token or 'none'; got 'lots'."),
         (["--max-false-flag-rate", "2"], "max_false_flag_rate must be in (0, 1) or None; got 2.0"),
         (["--dataset", "toxigen", "--max-false-flag-rate", "0.3"], "(gate calibration) is TruthfulQA-only"),
+        (["--dataset", "toxigen", "--ppl-budget", "lots"],
+         "--ppl-budget must be a perplexity ratio > 1, 'none' or 'auto'; got 'lots'."),
+        (["--dataset", "toxigen", "--ppl-budget", "0.9"], "ppl_budget must be a ratio > 1"),
+        (["--ppl-budget", "1.5"], "ppl_budget applies to toxigen only"),
     ],
 )
 def test_cli_bad_sweep_options_fail_before_the_model(argv, message, tmp_path, monkeypatch, capsys) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from otguard import sites as sites_module
 from otguard.errors import PolicyMismatchError, UnsupportedArchitectureError
 from otguard.sites import find_head_sites, model_identity, register_site, supported_model_types
-from tests.tiny_models import GPT2, LLAMA, VOCAB, tiny_causal_lm, tiny_llama
+from tests.tiny_models import GPT2, LLAMA, OPT, VOCAB, tiny_causal_lm, tiny_llama
 
 V = VOCAB  # vocabulary
 D = LLAMA["hidden_size"]  # hidden size (32)
@@ -140,19 +140,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "opt": Family(
         "opt",
-        dict(
-            vocab_size=V,
-            hidden_size=D,
-            num_hidden_layers=L,
-            num_attention_heads=H,
-            ffn_dim=64,
-            word_embed_proj_dim=D,
-            max_position_embeddings=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-            pad_token_id=0,
-            init_std=0.2,
-        ),
+        OPT,
         H,
         8,
         _v_proj(),

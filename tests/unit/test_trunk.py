@@ -21,7 +21,7 @@ from otguard.evaluation.truthfulqa_mc import MCResult, score_mc, score_mc_many
 from otguard.policy import LayerEdit, Policy
 from otguard.sites import find_head_sites, model_identity
 from otguard.trunk import TRUNK_MODEL_TYPES, decoder_layers, record_trunk, resume_trunk, supports_trunk
-from tests.tiny_models import GPT2, LLAMA, VOCAB, tiny_causal_lm, tiny_gemma2, tiny_gpt2, tiny_llama
+from tests.tiny_models import GPT2, LLAMA, OPT, VOCAB, tiny_causal_lm, tiny_gemma2, tiny_gpt2, tiny_llama
 from tests.unit.test_mc_many import ITEMS, bpe_tokenizer
 
 torch.set_num_threads(1)
@@ -43,19 +43,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "phi3": _GQA,
     "gpt2": dict({k: v for k, v in GPT2.items()}, n_layer=N_LAYERS, n_positions=64),
     "gpt_neox": dict(_DEC, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0),
-    "opt": dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        ffn_dim=64,
-        word_embed_proj_dim=32,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        init_std=0.2,
-    ),  # fmt: skip
+    "opt": dict(OPT, num_hidden_layers=N_LAYERS),
 }
 
 
