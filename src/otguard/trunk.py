@@ -50,8 +50,8 @@ from otguard.decoding import CACHE_NAMES, output_cache
 from otguard.errors import UnsupportedArchitectureError
 from otguard.sites import find_head_sites
 
-__all__ = ["TRUNK_MODEL_TYPES", "Trunk", "decoder_layers", "record_trunk", "resume_trunk", "supports_trunk",
-           "trunk_unsupported_reason"]  # fmt: skip
+__all__ = ["TRUNK_MODEL_TYPES", "Trunk", "decoder_layers", "first_edited_layer", "record_trunk",
+           "resume_trunk", "supports_trunk", "trunk_unsupported_reason"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ class Trunk:
     def can_resume(self, layer: int) -> bool:
         """Whether :func:`resume_trunk` at ``layer`` skips layers (layer 0 is a plain forward)."""
         return layer in self.states
+
+
+def first_edited_layer(policy: Any) -> int:
+    """The first decoder layer ``policy`` edits: the layer its forwards can resume from (the state
+    entering it is the plain model's); 0 for ``None`` or a policy that edits nothing."""
+    if policy is None:
+        return 0
+    return min((int(edit.layer) for edit in policy.layers), default=0)
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:

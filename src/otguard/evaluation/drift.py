@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from otguard.errors import DataError, DataFileNotFoundError
 from otguard.hook import attached
-from otguard.trunk import record_trunk, resume_trunk, supports_trunk
+from otguard.trunk import first_edited_layer, record_trunk, resume_trunk, supports_trunk
 
 
 def _read_file(path: Path) -> list[str]:
@@ -147,8 +147,7 @@ def measure_drift_many(
     if not enc:
         raise DataError("No document has at least two tokens.")
     acc = {name: _DriftAccumulator() for name in policies}
-    resume_at = {name: min((int(e.layer) for e in p.layers), default=0) for name, p in policies.items()
-                 if p is not None}  # fmt: skip
+    resume_at = {name: first_edited_layer(p) for name, p in policies.items() if p is not None}
     record_at = sorted({layer for layer in resume_at.values() if layer > 0})
     if not (share_trunk and record_at and supports_trunk(model)):
         record_at = []

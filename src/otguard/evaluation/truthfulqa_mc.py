@@ -49,7 +49,7 @@ from otguard.decoding import accepts_argument, cache_kwarg, common_prefix_len, f
 from otguard.errors import DataError
 from otguard.hook import attached
 from otguard.prompts import qa_prefix, qa_prompt
-from otguard.trunk import Trunk, record_trunk, resume_trunk, supports_trunk
+from otguard.trunk import Trunk, first_edited_layer, record_trunk, resume_trunk, supports_trunk
 
 __all__ = ["MCResult", "answer_span", "mc_answers", "mc_metrics", "score_mc", "score_mc_many"]
 
@@ -560,13 +560,6 @@ def _contexts(
     return [o for o in out if o is not None], fallbacks
 
 
-def _first_layer(policy: Any) -> int:
-    """The first decoder layer ``policy`` edits (the state entering it is the plain model's); 0 for none."""
-    if policy is None:
-        return 0
-    return min((int(edit.layer) for edit in policy.layers), default=0)
-
-
 def _trunk_plan(model: Any, policies: Mapping[str, Any], first: Mapping[str, int]) -> dict[str, int]:
     """Policy name -> layer its answer forwards resume from, for the policies that share a trunk.
 
@@ -581,11 +574,10 @@ def _trunk_plan(model: Any, policies: Mapping[str, Any], first: Mapping[str, int
     return resumed
 
 
-def _score_question_shared(
-    q: _Question,
-    cache: Any,
-    last_logp: torch.Tensor,
-    pack: bool,
+def _score_group_shared(
+    group: list[_Question],
+    contexts: list[tuple[Any, torch.Tensor]],
+    packable: list[bool],
     names: list[str],
     policies: Mapping[str, Any],
     runners: Mapping[str, _Runner],
@@ -593,41 +585,51 @@ def _score_question_shared(
     trunk_at: Mapping[str, int],
     batch_size: int,
     pad: int,
-) -> dict[str, list[float]]:
-    """One question's answer scores for every policy, the unedited lower layers run once per chunk.
+) -> dict[str, list[list[float]]]:
+    """A group of questions' answer scores for every policy, the unedited lower layers run once per chunk.
 
     A forward with no policy records, per chunk of answers, the state entering each resumed policy's
     first edited layer (and gives the scores of a ``None`` policy, if any; without one it stops after
-    the highest layer needed). Each policy then runs its chunks resumed from its layer (policies
-    editing layer 0 run in full). Only this question's recorded states are alive.
+    the highest layer needed). Each policy, attached once for the group, then runs its chunks resumed
+    from its layer (policies editing layer 0 run in full). Only this group's recorded states are alive.
+    Returns, per policy, each question's answer scores.
     """
-    chunks = _chunks(q.spans, q.cached, batch_size, pack)
     has_none = any(policies[n] is None for n in names)
     layers = sorted(set(trunk_at.values()))
-    out = {name: [0.0] * len(q.spans) for name in names}
-    trunks: list[Trunk] = []
-    base_scores = [0.0] * len(q.spans)
-    for chunk in chunks:
-        views, trunk = base_runner.answers(cache, chunk, q.cached, pad, record=layers, keep_output=has_none)
-        assert trunk is not None
-        trunks.append(trunk)
-        if views is not None:
-            _chunk_scores(chunk, views, q.cached, last_logp, base_scores)
+    plans: list[list[tuple[_Chunk, Trunk]]] = []
+    base_scores: list[list[float]] = []
+    for q, (cache, last_logp), pack in zip(group, contexts, packable, strict=True):
+        plan, scores = [], [0.0] * len(q.spans)
+        for chunk in _chunks(q.spans, q.cached, batch_size, pack):
+            views, trunk = base_runner.answers(cache, chunk, q.cached, pad, record=layers,
+                                               keep_output=has_none)  # fmt: skip
+            assert trunk is not None
+            plan.append((chunk, trunk))
+            if views is not None:
+                _chunk_scores(chunk, views, q.cached, last_logp, scores)
+        plans.append(plan)
+        base_scores.append(scores)
+    out: dict[str, list[list[float]]] = {}
     for name in names:
-        if policies[name] is None:
-            out[name] = list(base_scores)
-            if runners[name] is not base_runner:  # a second plain-model entry: the same forwards
-                runners[name].n_packed += sum(c.packed for c in chunks)
-                runners[name].n_padded += sum(not c.packed for c in chunks)
-            continue
         runner = runners[name]
+        if policies[name] is None:
+            out[name] = [list(scores) for scores in base_scores]
+            if runner is not base_runner:  # a second plain-model entry: the same forwards
+                chunks = [chunk for plan in plans for chunk, _ in plan]
+                runner.n_packed += sum(c.packed for c in chunks)
+                runner.n_padded += sum(not c.packed for c in chunks)
+            continue
+        out[name] = []
         with attached(policies[name], runner.model, scope="answer") as handle:
             runner.handle = handle
-            for chunk, trunk in zip(chunks, trunks, strict=True):
-                layer = trunk_at.get(name, 0)
-                views, _ = runner.answers(cache, chunk, q.cached, pad, trunk=trunk, layer=layer)
-                assert views is not None
-                _chunk_scores(chunk, views, q.cached, last_logp, out[name])
+            for q, (cache, last_logp), plan in zip(group, contexts, plans, strict=True):
+                scores = [0.0] * len(q.spans)
+                for chunk, trunk in plan:
+                    views, _ = runner.answers(cache, chunk, q.cached, pad, trunk=trunk,
+                                              layer=trunk_at.get(name, 0))  # fmt: skip
+                    assert views is not None
+                    _chunk_scores(chunk, views, q.cached, last_logp, scores)
+                out[name].append(scores)
             runner.handle = None
     return out
 
@@ -686,7 +688,7 @@ def score_mc_many(
             shared_cache = _new_cache(model)
             context_runner.extend(shared_cache, shared, 0, len(shared))
     runners = {name: _Runner(model, None, device) for name in names}
-    first = {name: _first_layer(policies[name]) for name in names}
+    first = {name: first_edited_layer(policies[name]) for name in names}
     trunk_at = _trunk_plan(model, policies, first) if share_trunk else {}
     trunk_runner = next((runners[n] for n in names if policies[n] is None), None) if trunk_at else None
     base_runner = trunk_runner or _Runner(model, None, device)
@@ -701,11 +703,11 @@ def score_mc_many(
             fallbacks += n_fallback
             packable = [pack and _can_pack(model, cache, context_runner.pos_ids) for cache, _ in contexts]
             if trunk_at:
-                for q, (cache, last_logp), can in zip(group, contexts, packable, strict=True):
-                    by_name = _score_question_shared(q, cache, last_logp, can, names, policies, runners,
-                                                     base_runner, trunk_at, batch_size, pad)  # fmt: skip
-                    for name in names:
-                        scores[name].append(dict(zip(q.answers, by_name[name], strict=True)))
+                by_name = _score_group_shared(group, contexts, packable, names, policies, runners,
+                                              base_runner, trunk_at, batch_size, pad)  # fmt: skip
+                for name in names:
+                    for q, values in zip(group, by_name[name], strict=True):
+                        scores[name].append(dict(zip(q.answers, values, strict=True)))
             else:
                 for name in names:
                     runner = runners[name]

@@ -264,7 +264,6 @@ class ToxicitySweeps:
             "validation_questions": f"{val} of the training fold's validation groups (never a test group), "
             f"{n} sampled continuation(s) each",
             "samples_per_prompt": n,
-            "ppl_budget": config.ppl_budget,
             "ppl_on": "the validation continuations, under the fluency model, as a ratio to the unsteered "
             "model's perplexity on the same prompts and seed",
             "frontier": (
